@@ -1,0 +1,5 @@
+import sys
+
+from refiner_rl.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""Sampling trajectories from the policy: the rollout of GRPO and the sampler of evaluation.
+
+Every step calls :meth:`KontextPolicy.velocity`. Steps listed in ``sde_steps`` are stochastic: their
+start state, sampled next state and log-prob are stored so the trainer can recompute the log-prob with
+gradient. The other steps are ODE Euler steps. Rollout runs entirely under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from refiner_rl.dynamics import ode_step, sde_step, sigma_schedule
+from refiner_rl.policies.kontext import Conditions, KontextPolicy
+
+
+@dataclass
+class Trajectory:
+    latents: torch.Tensor  # [B, N, C] final (clean) latents, fp32
+    states: torch.Tensor  # [B, K, N, C] state at the start of each stochastic step
+    next_states: torch.Tensor  # [B, K, N, C] sampled next state
+    log_probs: torch.Tensor  # [B, K] log-prob of next_states at rollout
+    log_prob_tokens: torch.Tensor  # [B, K, N] per-token log-probs (for spatial advantages)
+    sde_steps: list[int]  # the K step indices
+    sigmas: torch.Tensor  # [num_steps + 1]
+
+
+def initial_latents(policy: KontextPolicy, cond: Conditions, generator: torch.Generator | None,
+                    start_sigma: float = 1.0, draft_latents: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Pure noise (``start_sigma = 1``), or the draft noised to ``start_sigma`` (SDEdit-style start)."""
+    b, n, c = cond.tokens.shape[0], cond.num_target_tokens, cond.tokens.shape[-1]
+    dev = generator.device if generator is not None else policy.device
+    noise = torch.randn((b, n, c), generator=generator, device=dev, dtype=torch.float32).to(policy.device)
+    if start_sigma >= 1.0 or draft_latents is None:
+        return noise
+    return (1.0 - start_sigma) * draft_latents.float() + start_sigma * noise
+
+
+def sampling_sigmas(num_steps: int, num_tokens: int, start_sigma: float = 1.0) -> torch.Tensor:
+    """The Kontext pipeline's schedule for ``num_tokens`` target tokens, scaled to start at ``start_sigma``:
+    always ``num_steps`` steps, from ``start_sigma`` down to 0 (so the SDE window means the same steps)."""
+    return sigma_schedule(num_steps, image_seq_len=num_tokens) * float(start_sigma)
+
+
+@torch.no_grad()
+def rollout(
+    policy: KontextPolicy,
+    cond: Conditions,
+    sigmas: torch.Tensor,
+    *,
+    x: torch.Tensor,
+    sde_steps: Sequence[int] = (),
+    rule: str = "flow_sde",
+    noise_level: float = 0.9,
+    generator: torch.Generator | None = None,
+    true_cfg_scale: float = 1.0,
+    transformer=None,
+) -> Trajectory:
+    """Integrate from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` with SDE steps at ``sde_steps``."""
+    sde = set(sde_steps)
+    if sde and max(sde) >= len(sigmas) - 1:
+        raise ValueError(f"sde_steps {sorted(sde)} out of range for {len(sigmas) - 1} steps")
+    sigma_max = sigmas[1] if len(sigmas) > 1 else None
+    states, nexts, lps, lpts = [], [], [], []
+    x = x.float()
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        v = policy.velocity(x, torch.full((x.shape[0],), s, device=x.device), cond,
+                            transformer=transformer, true_cfg_scale=true_cfg_scale)  # fmt: skip
+        if i in sde:
+            out = sde_step(rule, x, v, s, s_next, noise_level, generator=generator, sigma_max=sigma_max)
+            states.append(x)
+            nexts.append(out.next_sample)
+            lps.append(out.log_prob)
+            lpts.append(out.log_prob_tokens)
+            x = out.next_sample
+        else:
+            x = ode_step(x, v, s, s_next)
+    b = x.shape[0]
+    empty = x.new_zeros((b, 0) + tuple(x.shape[1:]))
+    return Trajectory(
+        latents=x,
+        states=torch.stack(states, 1) if states else empty,
+        next_states=torch.stack(nexts, 1) if nexts else empty,
+        log_probs=torch.stack(lps, 1) if lps else x.new_zeros(b, 0),
+        log_prob_tokens=torch.stack(lpts, 1) if lpts else x.new_zeros(b, 0, x.shape[1]),
+        sde_steps=sorted(sde),
+        sigmas=sigmas,
+    )
+
+
+def paste_back(images: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Keep the draft outside the mask: ``M * images + (1 - M) * draft``."""
+    m = mask.to(images.device, images.dtype)
+    return m * images + (1 - m) * draft.to(images.device, images.dtype)

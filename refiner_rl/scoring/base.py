@@ -1,0 +1,227 @@
+"""The reward interface every plug-in implements.
+
+A reward follows TRL's reward-function signature with images as completions::
+
+    reward(prompts, completions, **columns) -> list[float | None]
+
+``completions`` are the sampled images; ``columns`` carry the record fields named in
+``required_fields`` (``draft``, ``reference``, ``target``, ``mask``; ``prompts`` are always given).
+Images are float tensors ``[3, H, W]`` in ``[0, 1]`` (masks ``[1, H, W]``, 1 = region to refine);
+PIL images are accepted too and converted with :func:`as_image_tensor`.
+
+``None`` means "this sample cannot be scored". The trainer excludes it from the group statistics and
+counts it; it is never turned into 0.0 (that would fake a bad sample).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, ClassVar, Iterator, Literal, NamedTuple, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+KNOWN_FIELDS = ("prompt", "draft", "reference", "target", "mask")
+
+
+def as_image_tensor(image: Any, channels: int = 3) -> torch.Tensor:
+    """Return ``image`` as a float tensor ``[C, H, W]`` in ``[0, 1]``.
+
+    Accepts a tensor (``[C, H, W]`` or ``[H, W]``), a PIL image, or a numpy array ``[H, W(, C)]``
+    with values in ``[0, 255]`` (uint8) or ``[0, 1]`` (float).
+    """
+    if isinstance(image, torch.Tensor):
+        t = image
+    else:
+        import numpy as np
+
+        arr = np.asarray(image.convert("RGB" if channels == 3 else "L") if hasattr(image, "convert") else image)
+        t = torch.from_numpy(arr.copy())
+        if t.ndim == 3:
+            t = t.permute(2, 0, 1)
+        if t.dtype == torch.uint8:
+            t = t.float() / 255.0
+    if t.ndim == 2:
+        t = t.unsqueeze(0)
+    t = t.float()
+    if t.shape[0] != channels:
+        if channels == 1:
+            t = t.mean(0, keepdim=True)
+        elif t.shape[0] == 1:
+            t = t.expand(channels, -1, -1)
+    return t
+
+
+class Reward:
+    """Base class of reward plug-ins.
+
+    Subclasses set ``name`` and ``required_fields`` and implement :meth:`score`, which returns one value
+    per completion (``None`` where a sample cannot be scored). Rewards that give spatial credit also
+    implement :meth:`score_maps`. Constructor keyword arguments are the plug-in's options; they come from
+    the recipe's ``rewards:`` entry.
+    """
+
+    name: ClassVar[str] = ""
+    required_fields: ClassVar[tuple[str, ...]] = ()
+    # Fields used when the data has them (e.g. ``mask``: without it the whole image is the region).
+    optional_fields: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[Literal["pointwise", "groupwise"]] = "pointwise"
+    provides_maps: ClassVar[bool] = False
+
+    def __init__(self, weight: float = 1.0, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+        self.weight = float(weight)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype or torch.float32
+
+    # -- to implement -------------------------------------------------------------------------------
+    def score(self, prompts: Sequence[str], completions: Sequence[torch.Tensor], **columns) -> list[float | None]:
+        raise NotImplementedError
+
+    def score_maps(self, prompts: Sequence[str], completions: Sequence[torch.Tensor], **columns) -> tuple[list[float | None], list[torch.Tensor | None]]:
+        """Scores plus one per-patch map ``[h, w]`` per completion (the map covers the whole image on a
+        regular grid). Rewards without spatial credit return ``None`` maps."""
+        return self.score(prompts, completions, **columns), [None] * len(completions)
+
+    # -- shared behaviour ---------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> "Reward":
+        self.device = torch.device(device)
+        return self
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[Any], **columns) -> list[float | None]:
+        scores = self.score(prompts, completions, **columns)
+        return [clean_score(s) for s in scores]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, weight={self.weight})"
+
+
+def clean_score(value: Any) -> float | None:
+    """Turn NaN/inf or non-numbers into ``None``; keep finite floats."""
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+# -- helpers shared by reward plug-ins -----------------------------------------------------------------
+
+
+def column_value(columns: dict, field: str, index: int) -> Any:
+    """``columns[field][index]``, or ``None`` when the batch has no such column (columns are aligned with the
+    completions; a shorter column is a data bug and raises)."""
+    values = columns.get(field)
+    return None if values is None else values[index]
+
+
+def check_same_size(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, reward: str) -> None:
+    """Raise a ValueError naming both fields when two images differ in height/width (rewards never resize
+    silently: a size mismatch is a data bug)."""
+    if tuple(a.shape[-2:]) != tuple(b.shape[-2:]):
+        raise ValueError(
+            f"reward {reward!r}: {name_a} is {tuple(a.shape[-2:])} (H, W) but {name_b} is "
+            f"{tuple(b.shape[-2:])}; they must have the same size"
+        )
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Frozen scorer network: ``eval()`` (a model built from a config starts in training mode, with dropout
+    on) and no gradients."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+@contextlib.contextmanager
+def outside_zero3_init() -> Iterator[None]:
+    """Build frozen networks (reward models) here so DeepSpeed ZeRO-3 does not partition them.
+
+    Under ZeRO-3, ``transformers``' ``from_pretrained`` (and accelerate-prepared model construction) read a
+    global DeepSpeed config and build parameters inside ``deepspeed.zero.Init``, which shards them across ranks;
+    a frozen scorer called outside the engine then sees empty shards. This context disables that for its
+    duration, the same way diffusers' training scripts build their VAE and text encoders
+    (``deepspeed_plugin.zero3_init_context_manager(enable=False)``), and also clears the ``transformers``
+    weak reference to the DeepSpeed config. Without DeepSpeed it does nothing.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            from accelerate.state import AcceleratorState, is_initialized
+
+            if is_initialized():
+                plugin = AcceleratorState().deepspeed_plugin
+                if plugin is not None:
+                    stack.enter_context(plugin.zero3_init_context_manager(enable=False))
+        except ImportError:  # accelerate is a dependency, but keep rewards usable without it
+            pass
+        hf_ds = None
+        saved_ref = None
+        try:
+            from transformers.integrations import deepspeed as hf_ds
+
+            if hf_ds.is_deepspeed_zero3_enabled():
+                saved_ref = hf_ds._hf_deepspeed_config_weak_ref
+                hf_ds.unset_hf_deepspeed_config()
+        except ImportError:
+            hf_ds = None
+        try:
+            yield
+        finally:
+            if hf_ds is not None and saved_ref is not None:
+                hf_ds._hf_deepspeed_config_weak_ref = saved_ref
+
+
+# -- the safe call the trainers use ---------------------------------------------------------------------
+
+
+class ScoreResult(NamedTuple):
+    """What :func:`score_safely` returns; unpacks as ``scores, maps, n_failed, error``."""
+
+    scores: list[float | None]
+    maps: list[torch.Tensor | None]
+    n_failed: int
+    error: str | None
+
+
+def score_safely(reward: Reward, prompts: Sequence[str], completions: Sequence[Any], **columns) -> ScoreResult:
+    """Score a batch with ``reward`` and never raise.
+
+    - An exception inside the reward is logged as a warning naming the reward; every sample gets ``None``
+      and ``error`` carries ``"ExceptionType: message"``.
+    - NaN/inf (or non-numbers) become ``None``; a map is dropped where its score is ``None``.
+    - A reward returning the wrong number of scores counts as a failure of the whole batch.
+
+    ``maps`` come from :meth:`Reward.score_maps` when the reward sets ``provides_maps`` (float tensors
+    ``[h, w]``, NaN where a patch has no score), otherwise they are all ``None``. ``n_failed`` counts the
+    samples left without a score, whatever the reason.
+    """
+    n = len(completions)
+    label = getattr(reward, "name", "") or type(reward).__name__
+    try:
+        if getattr(reward, "provides_maps", False):
+            raw_scores, raw_maps = reward.score_maps(prompts, completions, **columns)
+        else:
+            raw_scores, raw_maps = reward(prompts, completions, **columns), None
+        raw_scores = list(raw_scores)
+        raw_maps = [None] * n if raw_maps is None else list(raw_maps)
+        if len(raw_scores) != n or len(raw_maps) != n:
+            raise ValueError(f"returned {len(raw_scores)} scores and {len(raw_maps)} maps for {n} completions")
+    except Exception as e:  # noqa: BLE001 - a reward must never crash a run
+        message = f"{type(e).__name__}: {e}"
+        logger.warning("reward %r failed on a batch of %d; its scores are None for this batch (%s)", label, n, message)
+        return ScoreResult([None] * n, [None] * n, n, message)
+
+    scores = [clean_score(s) for s in raw_scores]
+    maps: list[torch.Tensor | None] = []
+    for s, m in zip(scores, raw_maps):
+        if s is None or m is None:
+            maps.append(None)
+        else:
+            maps.append(torch.as_tensor(m, dtype=torch.float32).detach().cpu())
+    return ScoreResult(scores, maps, sum(s is None for s in scores), None)

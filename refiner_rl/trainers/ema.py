@@ -1,0 +1,47 @@
+"""Exponential moving average of the trained weights (an anchor's defence against reward hacking)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """``ema <- decay * ema + (1 - decay) * param`` over the trainable parameters of ``module``."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        params = dict(module.named_parameters())
+        for n in self.names:
+            self.shadow[n].mul_(self.decay).add_(params[n].detach().float(), alpha=1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, module: nn.Module):
+        """Temporarily swap the EMA weights into ``module``."""
+        params = dict(module.named_parameters())
+        backup = {n: params[n].detach().clone() for n in self.names}
+        try:
+            with torch.no_grad():
+                for n in self.names:
+                    params[n].copy_(self.shadow[n].to(params[n].dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for n in self.names:
+                    params[n].copy_(backup[n])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        self.shadow = {n: state[n].float().clone() for n in self.names}

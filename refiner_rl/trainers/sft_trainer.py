@@ -1,0 +1,78 @@
+"""SFT stage: teach the editor to take the draft and the reference together (OmniRefiner stage 1).
+
+Per batch: encode the conditions once, draw sigma and noise, form ``x_s = (1 - s) x0 + s eps`` from the
+target's latents, run the policy's one velocity forward, and minimise the mask-weighted rectified-flow
+loss against ``eps - x0``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from refiner_rl.data import BucketBatchOrderSampler, TripletDataset, collate_triplets
+from refiner_rl.dynamics.schedules import loss_weighting, sample_training_sigmas
+from refiner_rl.policies.kontext import KontextPolicy, TextEmbeds
+from refiner_rl.trainers.base import PolicyTrainerMixin, setup_wandb_env
+from refiner_rl.trainers.losses import mask_weighted_flow_loss
+from refiner_rl.trainers.sft_config import FlowSFTConfig
+
+
+class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
+    """``transformers.Trainer`` over a :class:`KontextPolicy`; only the transformer (or its LoRA) trains."""
+
+    def __init__(self, policy: KontextPolicy, args: FlowSFTConfig, train_dataset: TripletDataset,
+                 eval_dataset: TripletDataset | None = None, callbacks=None):  # fmt: skip
+        self.policy = policy
+        setup_wandb_env(args.report_to)
+        self._setup_gradient_checkpointing(args)
+        super().__init__(
+            model=policy.transformer,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collate_triplets,
+            callbacks=callbacks,
+        )
+        self._metrics: dict[str, list[float]] = {"train": [], "eval": []}
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(ds, TripletDataset) and ds.buckets:
+            return BucketBatchOrderSampler(ds, self._train_batch_size, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def _text(self, inputs: dict) -> TextEmbeds:
+        prompts = list(inputs["prompt"])
+        drop = torch.rand(len(prompts)) < self.args.caption_dropout if self.model.training else torch.zeros(len(prompts), dtype=torch.bool)
+        if "prompt_embeds" in inputs:
+            seq, pooled = inputs["prompt_embeds"].clone(), inputs["pooled_prompt_embeds"].clone()
+            seq[drop], pooled[drop] = 0.0, 0.0  # precomputed embeddings: dropout zeroes them
+            return TextEmbeds(seq.to(self.policy.device, self.policy.dtype), pooled.to(self.policy.device, self.policy.dtype))
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        return self.policy.encode_prompts(prompts)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy, args = self.policy, self.args
+        dev = policy.device
+        cond = policy.encode_conditions(inputs["draft"].to(dev), inputs["reference"].to(dev), text=self._text(inputs))
+        x0 = policy.encode_images(inputs["target"].to(dev))
+        noise = torch.randn_like(x0)
+        sigma = sample_training_sigmas(
+            x0.shape[0], args.timestep_sampling, args.logit_mean, args.logit_std, args.mode_scale,
+            shift=args.timestep_shift, device=dev,
+        )  # fmt: skip
+        s = sigma.view(-1, 1, 1)
+        xt = (1.0 - s) * x0 + s * noise
+        v = policy.velocity(xt, sigma, cond, transformer=model)
+        mask_tokens = policy.mask_to_tokens(inputs["mask"])
+        loss = mask_weighted_flow_loss(v, noise - x0, mask_tokens, args.mask_weight, loss_weighting(sigma, args.loss_weighting))
+        return (loss, {"velocity": v}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
