@@ -107,7 +107,8 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
     dtype = model_args.resolve_dtype(device)
     if model_args.model_name_or_path == "tiny":
         policy = KontextPolicy.tiny(dtype=dtype, reference_id=model_args.reference_id, **model_args.tiny_model)
-        policy.transformer.to(dtype)
+        if dtype != torch.float32:
+            policy.transformer.to(dtype)
     else:
         policy = KontextPolicy.from_pretrained(
             model_args.model_name_or_path, dtype=dtype, revision=model_args.revision,

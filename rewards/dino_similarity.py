@@ -20,12 +20,21 @@ inference mode. Offline (``HF_HUB_OFFLINE=1``) a hub id must already be in the H
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from refiner_rl.scoring.base import Reward, as_image_tensor, check_same_size, column_value, freeze, outside_zero3_init
+from refiner_rl.scoring.base import (
+    Reward,
+    as_image_tensor,
+    check_same_size,
+    column_value,
+    freeze,
+    outside_zero3_init,
+    required_value,
+)
 from refiner_rl.scoring.patches import mask_bbox
 from refiner_rl.scoring.registry import register_reward
 
@@ -33,13 +42,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_dinov2(model_name_or_path: str, device: Any = "cpu", dtype: torch.dtype = torch.float32, revision: str | None = None):
+def load_dinov2(
+    model_name_or_path: str,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+):
     """``Dinov2Model.from_pretrained`` with safetensors, frozen; errors say how to get the weights offline."""
     from transformers import Dinov2Model
 
     try:
         with outside_zero3_init():
-            model = Dinov2Model.from_pretrained(model_name_or_path, revision=revision, use_safetensors=True, dtype=dtype)
+            model = Dinov2Model.from_pretrained(
+                model_name_or_path, revision=revision, use_safetensors=True, dtype=dtype
+            )
     except (OSError, ValueError) as e:
         raise OSError(
             f"dino_similarity: cannot load DINOv2 from model_name_or_path={model_name_or_path!r} ({e}). Offline, point "
@@ -76,7 +92,9 @@ class DinoSimilarity(Reward):
     ):
         super().__init__(weight=weight, device=device, dtype=dtype)
         if compare_to not in ("target", "reference"):
-            raise ValueError(f"dino_similarity: compare_to must be 'target' or 'reference', got {compare_to!r}")
+            raise ValueError(
+                f"dino_similarity: compare_to must be 'target' or 'reference', got {compare_to!r}"
+            )
         if region not in ("bbox", "full"):
             raise ValueError(f"dino_similarity: region must be 'bbox' or 'full', got {region!r}")
         if pooling not in ("cls", "mean"):
@@ -91,7 +109,7 @@ class DinoSimilarity(Reward):
         self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-    def to(self, device: str | torch.device) -> "DinoSimilarity":
+    def to(self, device: str | torch.device) -> DinoSimilarity:
         super().to(device)
         self.model.to(self.device)
         return self
@@ -99,7 +117,9 @@ class DinoSimilarity(Reward):
     def _prepare(self, image: torch.Tensor, box) -> torch.Tensor:
         y0, y1, x0, x1 = box
         crop = image[None, :, y0:y1, x0:x1].float()
-        crop = F.interpolate(crop, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)
+        crop = F.interpolate(
+            crop, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
+        )
         return ((crop.clamp(0, 1) - self._mean) / self._std)[0]
 
     @torch.inference_mode()
@@ -116,9 +136,7 @@ class DinoSimilarity(Reward):
         index, a, b = [], [], []
         for i, completion in enumerate(completions):
             x = as_image_tensor(completion)
-            other = column_value(columns, self.compare_to, i)
-            if other is None:
-                raise ValueError(f"reward {self.name!r}: sample {i} has no {self.compare_to!r}")
+            other = required_value(columns, self.compare_to, i, self.name)
             y = as_image_tensor(other)
             check_same_size(x, y, "completion", self.compare_to, self.name)
             box = (0, x.shape[-2], 0, x.shape[-1])

@@ -13,11 +13,18 @@ cell holds no region pixel.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
-from refiner_rl.scoring.base import Reward, as_image_tensor, check_same_size, column_value
+from refiner_rl.scoring.base import (
+    Reward,
+    as_image_tensor,
+    check_same_size,
+    column_value,
+    required_value,
+)
 from refiner_rl.scoring.patches import cell_sums
 from refiner_rl.scoring.registry import register_reward
 
@@ -47,7 +54,9 @@ class MaskedPixel(Reward):
         if region not in ("inside", "outside"):
             raise ValueError(f"masked_pixel: region must be 'inside' or 'outside', got {region!r}")
         if patch_size is not None and int(patch_size) < 1:
-            raise ValueError(f"masked_pixel: patch_size must be a positive number of pixels, got {patch_size!r}")
+            raise ValueError(
+                f"masked_pixel: patch_size must be a positive number of pixels, got {patch_size!r}"
+            )
         self.error = error
         self.region = region
         self.patch_size = int(patch_size) if patch_size is not None else None
@@ -74,7 +83,9 @@ class MaskedPixel(Reward):
         scores: list[float | None] = []
         maps: list[torch.Tensor | None] = []
         for i, completion in enumerate(completions):
-            err, m = self._one(completion, column_value(columns, "target", i), column_value(columns, "mask", i))
+            err, m = self._one(
+                completion, required_value(columns, "target", i, self.name), column_value(columns, "mask", i)
+            )
             area = m.sum()
             scores.append(None if area <= 0 else float(-(m * err).sum() / area))
             if not with_maps or self.patch_size is None:
@@ -82,7 +93,9 @@ class MaskedPixel(Reward):
                 continue
             cell_area = cell_sums(m, self.patch_size)
             cell_err = cell_sums(m * err, self.patch_size)
-            maps.append(torch.where(cell_area > 0, -cell_err / cell_area.clamp(min=1e-300), float("nan")).float())
+            maps.append(
+                torch.where(cell_area > 0, -cell_err / cell_area.clamp(min=1e-300), float("nan")).float()
+            )
         return scores, maps
 
     def score(self, prompts: Sequence[str], completions: Sequence[Any], **columns) -> list[float | None]:

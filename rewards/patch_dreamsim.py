@@ -34,17 +34,34 @@ The model is built outside ZeRO-3 partitioning (:func:`outside_zero3_init`), fro
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import warnings
-from typing import Any, Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from refiner_rl.scoring.base import Reward, as_image_tensor, check_same_size, column_value, freeze, outside_zero3_init
-from refiner_rl.scoring.patches import Patch, box_sums, crop_resize, grid_patches, grow_box, mask_bbox, splat_to_grid, tile_box
+from refiner_rl.scoring.base import (
+    Reward,
+    as_image_tensor,
+    check_same_size,
+    column_value,
+    freeze,
+    outside_zero3_init,
+    required_value,
+)
+from refiner_rl.scoring.patches import (
+    Patch,
+    box_sums,
+    crop_resize,
+    grid_patches,
+    grow_box,
+    mask_bbox,
+    splat_to_grid,
+    tile_box,
+)
 from refiner_rl.scoring.registry import register_reward
 
 DREAMSIM_SIZE = 224  # DreamSim's input resolution
@@ -53,7 +70,12 @@ DEFAULT_DREAMSIM_TYPE = "dino_vitb16"
 
 # What dreamsim 0.2.1's download_weights() checks for, per type...
 _CHECKPOINT_FILES = {
-    "ensemble": ["dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar", "ensemble_lora"],
+    "ensemble": [
+        "dino_vitb16_pretrain.pth",
+        "open_clip_vitb16_pretrain.pth.tar",
+        "clip_vitb16_pretrain.pth.tar",
+        "ensemble_lora",
+    ],
     "dino_vitb16": ["dino_vitb16_pretrain.pth", "dino_vitb16_single_lora"],
     "dinov2_vitb14": ["dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora"],
     "open_clip_vitb32": ["open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora"],
@@ -79,7 +101,9 @@ def _backbones(dreamsim_type: str) -> list[str]:
 def required_cache_files(dreamsim_type: str) -> list[str]:
     """Paths (relative to ``cache_dir``) a fully offline ``dreamsim(pretrained=True)`` call reads."""
     if dreamsim_type not in _CHECKPOINT_FILES:
-        raise ValueError(f"patch_dreamsim: unknown dreamsim_type {dreamsim_type!r}; choose one of {', '.join(_CHECKPOINT_FILES)}")
+        raise ValueError(
+            f"patch_dreamsim: unknown dreamsim_type {dreamsim_type!r}; choose one of {', '.join(_CHECKPOINT_FILES)}"
+        )
     files = list(_CHECKPOINT_FILES[dreamsim_type])
     lora_dir = next(f for f in files if f.endswith("_lora"))
     files.append(f"{lora_dir}/adapter_config.json")
@@ -93,7 +117,10 @@ def missing_cache_files(cache_dir: str, dreamsim_type: str) -> list[str]:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 @contextlib.contextmanager
@@ -125,7 +152,7 @@ def load_dreamsim(
             f"(missing: {', '.join(missing)}) and downloads are off ({why}). Fetch them once on a machine with "
             f"internet:\n    python -c \"from dreamsim import dreamsim; dreamsim(pretrained=True, device='cpu', "
             f"cache_dir='{cache_dir}', dreamsim_type='{dreamsim_type.removesuffix('_patch')}'"
-            f"{', use_patch_model=True' if dreamsim_type.endswith('_patch') else ''})\"\n"
+            f'{", use_patch_model=True" if dreamsim_type.endswith("_patch") else ""})"\n'
             f"then copy that folder to this machine and set `cache_dir: {cache_dir}` in the recipe's patch_dreamsim "
             "entry (or set `allow_download: true` where the machine is online)."
         )
@@ -133,7 +160,13 @@ def load_dreamsim(
 
     is_patch = dreamsim_type.endswith("_patch")
     # dreamsim prints progress on stdout; keep stdout clean for `refiner-rl rewards score --json`.
-    with outside_zero3_init(), _keep_torch_hub_dir(), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    with (
+        outside_zero3_init(),
+        _keep_torch_hub_dir(),
+        contextlib.redirect_stdout(sys.stderr),
+        warnings.catch_warnings(),
+        torch.random.fork_rng(devices=[]),  # DINOHead's random init must not move the caller's RNG
+    ):
         # dreamsim wraps the model in LoRA twice by design (get_peft_model, then PeftModel.from_pretrained)
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         warnings.filterwarnings("ignore", message=".*weight_norm` is deprecated")
@@ -169,15 +202,22 @@ def make_random_dreamsim_cache(
     if depth < 12:
         raise ValueError("DreamSim reads the output of ViT block 11: depth must be >= 12")
     from dreamsim.feature_extraction.vision_transformer import VisionTransformer
-    from peft import LoraConfig, get_peft_model
-
     from dreamsim.model import PerceptualModel
+    from peft import LoraConfig, get_peft_model
 
     cache_dir = os.path.abspath(os.fspath(cache_dir))
     hub_repo = os.path.join(cache_dir, "facebookresearch_dino_main")
     os.makedirs(hub_repo, exist_ok=True)
     os.makedirs(os.path.join(cache_dir, "checkpoints"), exist_ok=True)
-    kwargs = dict(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0)
+    kwargs = {
+        "patch_size": 16,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "mlp_ratio": mlp_ratio,
+        "qkv_bias": True,
+        "num_classes": 0,
+    }
     with open(os.path.join(hub_repo, "hubconf.py"), "w") as f:
         f.write(
             "# Random-weight stand-in for facebookresearch/dino written by refiner_rl (tests/benchmarks only).\n"
@@ -191,25 +231,38 @@ def make_random_dreamsim_cache(
             "        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))\n"
             "    return model\n"
         )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
+    # Seeded, and without moving the caller's RNG: the same seed writes the same weights.
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weight_norm` is deprecated")
         torch.manual_seed(seed)
         backbone = VisionTransformer(**kwargs)
-    torch.save(backbone.state_dict(), os.path.join(cache_dir, "checkpoints", "dino_vitbase16_pretrain.pth"))
-    # The projection head is loaded by dreamsim but unused for `cls` features; tiny tensors keep the file small.
-    head = {f"module.head.{k}": torch.randn(2, 2, generator=gen) for k in ("mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight")}
-    head.update({f"module.head.{k}": torch.randn(2, generator=gen) for k in ("mlp.0.bias", "mlp.2.bias", "mlp.4.bias")})
-    torch.save({"student": head}, os.path.join(cache_dir, "dino_vitb16_pretrain.pth"))
+        torch.save(
+            backbone.state_dict(), os.path.join(cache_dir, "checkpoints", "dino_vitbase16_pretrain.pth")
+        )
+        # dreamsim loads the DINO projection head but does not use it for `cls` features: tiny tensors.
+        names = ("mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight")
+        head = {f"module.head.{k}": torch.randn(2, 2) for k in names}
+        head.update({f"module.head.{k}": torch.randn(2) for k in ("mlp.0.bias", "mlp.2.bias", "mlp.4.bias")})
+        torch.save({"student": head}, os.path.join(cache_dir, "dino_vitb16_pretrain.pth"))
 
-    with _keep_torch_hub_dir(), contextlib.redirect_stdout(sys.stderr):
-        base = PerceptualModel(model_type="dino_vitb16", feat_type="cls", stride="16", lora=True, load_dir=cache_dir, device="cpu", normalize_embeds=True)
-    lora = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, bias="none", target_modules=["qkv"]))
-    for name, p in lora.named_parameters():
-        if "lora_B" in name:  # a fresh LoRA is the identity (B = 0); make the adapter matter
-            p.data = torch.randn(p.shape, generator=gen) * 0.02
-    lora.save_pretrained(os.path.join(cache_dir, "dino_vitb16_single_lora"))
-    with open(os.path.join(cache_dir, "dino_vitb16_single_lora", "adapter_config.json")) as f:
-        json.load(f)  # dreamsim reads r, lora_alpha, lora_dropout, bias, target_modules from it
+        with _keep_torch_hub_dir(), contextlib.redirect_stdout(sys.stderr):
+            base = PerceptualModel(
+                model_type="dino_vitb16",
+                feat_type="cls",
+                stride="16",
+                lora=True,
+                load_dir=cache_dir,
+                device="cpu",
+                normalize_embeds=True,
+            )
+        config = LoraConfig(
+            r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, bias="none", target_modules=["qkv"]
+        )
+        lora = get_peft_model(base, config)
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:  # a fresh LoRA is the identity (B = 0); make the adapter matter
+                p.data = torch.randn(p.shape) * 0.02
+        lora.save_pretrained(os.path.join(cache_dir, "dino_vitb16_single_lora"))
     return cache_dir
 
 
@@ -241,9 +294,13 @@ class PatchDreamSim(Reward):
     ):
         super().__init__(weight=weight, device=device, dtype=dtype)
         if int(patch_size) < 1:
-            raise ValueError(f"patch_dreamsim: patch_size must be a positive number of pixels, got {patch_size!r}")
+            raise ValueError(
+                f"patch_dreamsim: patch_size must be a positive number of pixels, got {patch_size!r}"
+            )
         if compare_to not in ("target", "reference"):
-            raise ValueError(f"patch_dreamsim: compare_to must be 'target' or 'reference', got {compare_to!r}")
+            raise ValueError(
+                f"patch_dreamsim: compare_to must be 'target' or 'reference', got {compare_to!r}"
+            )
         if selection not in ("bbox", "grid", "both"):
             raise ValueError(f"patch_dreamsim: selection must be 'bbox', 'grid' or 'both', got {selection!r}")
         if aggregate not in ("mean", "area"):
@@ -258,18 +315,20 @@ class PatchDreamSim(Reward):
         self.model = freeze(model).to(device=self.device, dtype=self.dtype)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, **options) -> "PatchDreamSim":
+    def from_model(cls, model: torch.nn.Module, **options) -> PatchDreamSim:
         """Use a prebuilt model with DreamSim's interface (``embed(img) -> [B, D]`` or
         ``forward(img_a, img_b) -> distance [B]``, images ``[B, 3, 224, 224]`` in [0, 1])."""
         return cls(model=model, **options)
 
-    def to(self, device: str | torch.device) -> "PatchDreamSim":
+    def to(self, device: str | torch.device) -> PatchDreamSim:
         super().to(device)
         self.model.to(self.device)
         return self
 
     # -- geometry -----------------------------------------------------------------------------------
-    def select_patches(self, height: int, width: int, mask: torch.Tensor | None) -> tuple[list[Patch], torch.Tensor] | None:
+    def select_patches(
+        self, height: int, width: int, mask: torch.Tensor | None
+    ) -> tuple[list[Patch], torch.Tensor] | None:
         """The patches to score and their aggregation weights (``None`` = cannot score: empty mask)."""
         patches: list[Patch] = []
         if self.selection in ("grid", "both"):
@@ -314,9 +373,7 @@ class PatchDreamSim(Reward):
         jobs = []  # (sample index, sample image, other image, patches, weights)
         for i, completion in enumerate(completions):
             x = as_image_tensor(completion).to(self.device)
-            other = column_value(columns, self.compare_to, i)
-            if other is None:
-                raise ValueError(f"reward {self.name!r}: sample {i} has no {self.compare_to!r}")
+            other = required_value(columns, self.compare_to, i, self.name)
             y = as_image_tensor(other).to(self.device)
             check_same_size(x, y, "completion", self.compare_to, self.name)
             mask = column_value(columns, "mask", i)
@@ -347,7 +404,9 @@ class PatchDreamSim(Reward):
             values = 1.0 - dist[start : start + len(patches)]
             start += len(patches)
             scores[i] = float((values * weights).sum() / weights.sum())
-            maps[i] = splat_to_grid([p.owner for p in patches], values, x.shape[-2], x.shape[-1], self.patch_size)
+            maps[i] = splat_to_grid(
+                [p.owner for p in patches], values, x.shape[-2], x.shape[-1], self.patch_size
+            )
         return scores, maps
 
     def score(self, prompts: Sequence[str], completions: Sequence[Any], **columns) -> list[float | None]:

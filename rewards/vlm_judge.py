@@ -411,7 +411,7 @@ class ChatClient:
 
 @register_reward
 class VLMJudge(Reward):
-    """OneReward-style VLM judge: reward = P("Yes") for a question about the sample (module docstring).
+    """OneReward-style VLM judge: P("Yes") that the sample is good (pointwise) or better than the draft (pairwise).
 
     Options:
 

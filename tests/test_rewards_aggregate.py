@@ -30,7 +30,9 @@ def _close(t, expected, tol=1e-6):
 def test_sum_then_normalize_group():
     res = compute_advantages(R, W, G, names=["pix", "sim"])
     _close(res.total_reward, [3, 2, 4, 1, 1, 4])
-    _close(res.advantages, [0, -1 / (1 + EPS), 1 / (1 + EPS), -1 / (S3 + EPS), -1 / (S3 + EPS), 2 / (S3 + EPS)])
+    _close(
+        res.advantages, [0, -1 / (1 + EPS), 1 / (1 + EPS), -1 / (S3 + EPS), -1 / (S3 + EPS), 2 / (S3 + EPS)]
+    )
     assert res.valid.all()
     m = res.metrics
     assert m["reward"] == pytest.approx(15 / 6)
@@ -47,7 +49,9 @@ def test_scale_rewards_batch_and_none():
     # batch std of totals [3,2,4,1,1,4]: mean 2.5, squared deviations sum 9.5 -> std sqrt(9.5/5)
     sb = math.sqrt(9.5 / 5)
     res = compute_advantages(R, W, G, scale_rewards="batch")
-    _close(res.advantages, [0, -1 / (sb + EPS), 1 / (sb + EPS), -1 / (sb + EPS), -1 / (sb + EPS), 2 / (sb + EPS)])
+    _close(
+        res.advantages, [0, -1 / (sb + EPS), 1 / (sb + EPS), -1 / (sb + EPS), -1 / (sb + EPS), 2 / (sb + EPS)]
+    )
     res = compute_advantages(R, W, G, scale_rewards="none")
     _close(res.advantages, [0, -1, 1, -1, -1, 2])
 
@@ -81,14 +85,16 @@ def test_normalize_then_sum_gdpo_differs_from_sum():
 
 
 def test_failed_rewards_are_excluded_not_zeroed():
-    r = torch.tensor([
-        [1.0, 4.0],
-        [NAN, NAN],  # nothing scored sample 1: invalid
-        [3.0, 2.0],
-        [NAN, 2.0],  # only reward 1 scored: total 0.5 * 2 = 1
-        [0.0, 2.0],
-        [3.0, 2.0],
-    ])
+    r = torch.tensor(
+        [
+            [1.0, 4.0],
+            [NAN, NAN],  # nothing scored sample 1: invalid
+            [3.0, 2.0],
+            [NAN, 2.0],  # only reward 1 scored: total 0.5 * 2 = 1
+            [0.0, 2.0],
+            [3.0, 2.0],
+        ]
+    )
     res = compute_advantages(r, W, G, names=["pix", "sim"])
     assert res.valid.tolist() == [True, False, True, True, True, True]
     total = res.total_reward.tolist()
@@ -143,12 +149,14 @@ def test_argument_errors():
 
 
 def test_spatial_advantages_per_patch_position():
-    maps = torch.tensor([
-        [[1.0, NAN]],
-        [[2.0, 5.0]],
-        [[3.0, 7.0]],
-        [[4.0, 1.0]],  # group 1: alone -> no baseline
-    ])
+    maps = torch.tensor(
+        [
+            [[1.0, NAN]],
+            [[2.0, 5.0]],
+            [[3.0, 7.0]],
+            [[4.0, 1.0]],  # group 1: alone -> no baseline
+        ]
+    )
     out = spatial_advantages(maps, [0, 0, 0, 1])
     assert out.shape == maps.shape
     # position 0, group 0: [1,2,3] mean 2 std 1; position 1: [5,7] mean 6 std sqrt(2)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from refiner_rl.rewards.masked_pixel import MaskedPixel
+
 from refiner_rl.scoring import score_safely
 
 
@@ -69,7 +69,7 @@ def test_no_mask_column_means_whole_image_and_empty_mask_is_none():
     assert MaskedPixel(region="outside")([""], [y], target=[x]) == [None]  # outside of "everything" is empty
     empty = torch.zeros(1, 8, 8)
     r = MaskedPixel(patch_size=4)
-    scores, maps = r.score_maps(["", ""], [y, y], target=[x, x], mask=[empty, _mask()])
+    scores, _maps = r.score_maps(["", ""], [y, y], target=[x, x], mask=[empty, _mask()])
     assert scores == [None, -0.0625]
     result = score_safely(r, ["", ""], [y, y], target=[x, x], mask=[empty, _mask()])
     assert result.scores == [None, -0.0625] and result.n_failed == 1 and result.maps[0] is None
@@ -105,7 +105,9 @@ def test_size_mismatch_raises_naming_fields_and_safe_call_turns_it_into_none():
         r([""], [_image()], target=[_image(4, 4)])
     with pytest.raises(ValueError, match=r"but mask is \(8, 4\)"):
         r([""], [_image()], target=[_image()], mask=[torch.ones(1, 8, 4)])
-    scores, _, n_failed, err = score_safely(r, ["", ""], [_image(), _image()], target=[_image(), _image(4, 4)])
+    scores, _, n_failed, err = score_safely(
+        r, ["", ""], [_image(), _image()], target=[_image(), _image(4, 4)]
+    )
     assert scores == [None, None] and n_failed == 2 and "target is (4, 4)" in err
 
 
@@ -114,3 +116,8 @@ def test_bad_options():
         MaskedPixel(region="border")
     with pytest.raises(ValueError, match="patch_size must be a positive"):
         MaskedPixel(patch_size=0)
+
+
+def test_missing_target_for_a_sample_names_reward_sample_and_field():
+    with pytest.raises(ValueError, match="reward 'masked_pixel': sample 1 has no 'target'"):
+        MaskedPixel()(["", ""], [_image(), _image()], target=[_image(), None])

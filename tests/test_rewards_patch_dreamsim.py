@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-
 from refiner_rl.rewards.patch_dreamsim import (
     DREAMSIM_SIZE,
     PatchDreamSim,
@@ -18,6 +17,7 @@ from refiner_rl.rewards.patch_dreamsim import (
     make_random_dreamsim_cache,
     missing_cache_files,
 )
+
 from refiner_rl.scoring import score_safely
 from refiner_rl.scoring.patches import crop_resize, grow_box, mask_bbox, splat_to_grid, tile_box
 
@@ -65,8 +65,22 @@ def test_patch_geometry_by_hand():
     assert grow_box((3, 5, 6, 8), 4, 10, 10) == (2, 6, 5, 9)
     assert grow_box((0, 2, 8, 10), 4, 10, 10) == (0, 4, 6, 10)  # pushed back inside the image
     patches = tile_box((0, 10, 0, 6), 4)
-    assert [p.owner for p in patches] == [(0, 4, 0, 4), (0, 4, 4, 6), (4, 8, 0, 4), (4, 8, 4, 6), (8, 10, 0, 4), (8, 10, 4, 6)]
-    assert [p.content for p in patches] == [(0, 4, 0, 4), (0, 4, 2, 6), (4, 8, 0, 4), (4, 8, 2, 6), (6, 10, 0, 4), (6, 10, 2, 6)]
+    assert [p.owner for p in patches] == [
+        (0, 4, 0, 4),
+        (0, 4, 4, 6),
+        (4, 8, 0, 4),
+        (4, 8, 4, 6),
+        (8, 10, 0, 4),
+        (8, 10, 4, 6),
+    ]
+    assert [p.content for p in patches] == [
+        (0, 4, 0, 4),
+        (0, 4, 2, 6),
+        (4, 8, 0, 4),
+        (4, 8, 2, 6),
+        (6, 10, 0, 4),
+        (6, 10, 2, 6),
+    ]
     # a map is the owner-area-weighted mean per grid cell; NaN where nothing is owned
     mp = splat_to_grid([(0, 4, 0, 4), (0, 2, 4, 8), (2, 4, 4, 8)], torch.tensor([1.0, 2.0, 4.0]), 8, 8, 4)
     assert mp[0].tolist() == [1.0, 3.0] and torch.isnan(mp[1]).all()
@@ -91,7 +105,12 @@ def test_loads_dreamsims_model_class_through_the_real_cache_path(reward, cache_d
     saved = load_file(os.path.join(cache_dir, "dino_vitb16_single_lora", "adapter_model.safetensors"))
     key = next(k for k in saved if "lora_B" in k)
     loaded = dict(reward.model.named_parameters())
-    match = [v for k, v in loaded.items() if "lora_B" in k and k.endswith(key.split("base_model.model.")[-1].replace(".weight", ".default.weight"))]
+    match = [
+        v
+        for k, v in loaded.items()
+        if "lora_B" in k
+        and k.endswith(key.split("base_model.model.")[-1].replace(".weight", ".default.weight"))
+    ]
     assert match and torch.equal(match[0].detach(), saved[key]) and saved[key].abs().sum() > 0
     assert torch.hub.get_dir() != cache_dir  # dreamsim's set_dir is undone
 
@@ -192,7 +211,7 @@ def test_empty_mask_none_size_mismatch_and_safe_call(reward):
     assert grid([""], [y], target=[x], mask=[empty])[0] is not None  # grid + mean needs no mask pixel
     with pytest.raises(ValueError, match=r"completion is \(64, 64\) \(H, W\) but target is \(32, 32\)"):
         reward([""], [y], target=[x[:, :32, :32]])
-    scores, maps, n_failed, err = score_safely(reward, ["", ""], [y, y], target=[x, x[:, :32, :32]])
+    scores, _maps, n_failed, err = score_safely(reward, ["", ""], [y, y], target=[x, x[:, :32, :32]])
     assert scores == [None, None] and n_failed == 2 and "target is (32, 32)" in err
 
 
@@ -205,3 +224,11 @@ def test_compare_to_reference_changes_required_fields(reward):
     with pytest.raises(ValueError, match="selection must be"):
         PatchDreamSim.from_model(reward.model, selection="random")
     assert math.isfinite(PatchDreamSim.from_model(reward.model, patch_size=32)([""], [y], target=[x])[0])
+
+
+def test_loading_leaves_the_callers_rng_alone(cache_dir):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_dreamsim(cache_dir)  # builds dreamsim's DINO head with random init before loading weights
+    assert torch.equal(torch.rand(3), expected)

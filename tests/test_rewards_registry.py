@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from refiner_rl.scoring import Reward, outside_zero3_init, score_safely
-from refiner_rl.scoring import registry
+from refiner_rl.scoring import Reward, outside_zero3_init, registry, score_safely
 from refiner_rl.scoring.registry import (
     RewardConfigError,
     available_rewards,
@@ -49,11 +48,13 @@ def test_builtins_are_registered_with_their_metadata():
 
 
 def test_build_rewards_from_recipe_specs():
-    rewards = build_rewards([
-        {"name": "masked_pixel", "weight": 0.5, "error": "l1"},
-        "masked_pixel",
-        {"name": "refiner_rl.rewards.masked_pixel:MaskedPixel", "region": "outside", "weight": 2},
-    ])
+    rewards = build_rewards(
+        [
+            {"name": "masked_pixel", "weight": 0.5, "error": "l1"},
+            "masked_pixel",
+            {"name": "refiner_rl.rewards.masked_pixel:MaskedPixel", "region": "outside", "weight": 2},
+        ]
+    )
     assert [type(r).__name__ for r in rewards] == ["MaskedPixel"] * 3
     assert [r.weight for r in rewards] == [0.5, 1.0, 2.0]
     assert rewards[0].error == "l1" and rewards[2].region == "outside"
@@ -80,7 +81,9 @@ def test_unknown_option_names_reward_key_and_accepted_options():
 
 
 def test_bad_option_value_and_missing_name():
-    with pytest.raises(RewardConfigError, match=r"rewards\[0\]: cannot build reward 'masked_pixel': .*'l2' or 'l1'"):
+    with pytest.raises(
+        RewardConfigError, match=r"rewards\[0\]: cannot build reward 'masked_pixel': .*'l2' or 'l1'"
+    ):
         build_rewards([{"name": "masked_pixel", "error": "l3"}])
     with pytest.raises(RewardConfigError, match=r"rewards\[0\]: missing `name`"):
         build_rewards([{"weight": 1.0}])
@@ -103,7 +106,9 @@ def test_register_reward_rejects_nameless_and_clashing_classes():
     with pytest.raises(ValueError, match="must set a class attribute `name`"):
         register_reward(type("NoName", (Reward,), {}))
     clash = type("OtherMaskedPixel", (Reward,), {"name": "masked_pixel"})
-    with pytest.raises(ValueError, match="reward name 'masked_pixel' is taken by refiner_rl.rewards.masked_pixel:MaskedPixel"):
+    with pytest.raises(
+        ValueError, match="reward name 'masked_pixel' is taken by refiner_rl.rewards.masked_pixel:MaskedPixel"
+    ):
         register_reward(clash)
     with pytest.raises(TypeError):
         register_reward(object)
@@ -130,7 +135,7 @@ def test_score_safely_cleans_nan_inf_and_wrong_lengths():
 def test_score_safely_keeps_maps_only_where_scored():
     m = torch.tensor([[1.0, float("nan")]])
     r = _Scripted(values=[0.2, float("nan")], maps=[m, m])
-    scores, maps, n_failed, err = score_safely(r, ["", ""], [None, None])
+    scores, maps, n_failed, _err = score_safely(r, ["", ""], [None, None])
     assert scores == [0.2, None] and n_failed == 1
     assert maps[1] is None and torch.equal(torch.isnan(maps[0]), torch.tensor([[False, True]]))
     assert maps[0][0, 0].item() == 1.0

@@ -292,6 +292,16 @@ def test_local_pairwise_both_orders_and_dimensions(judge_dir):
     assert mean == pytest.approx([sum(v) / 2 for v in zip(*per_dim)], abs=1e-6)
 
 
+def test_local_torch_dtype(judge_dir):
+    bf16 = local_judge(judge_dir, mode="pointwise", torch_dtype="bfloat16")
+    assert next(bf16.vlm.model.parameters()).dtype == torch.bfloat16
+    fp32 = local_judge(judge_dir, mode="pointwise")
+    assert bf16.vlm is not fp32.vlm and fp32.vlm is local_judge(judge_dir, mode="pointwise", dimension="structure").vlm
+    assert bf16(["p"] * 2, images(2)) == pytest.approx(fp32(["p"] * 2, images(2)), abs=0.05)
+    with pytest.raises(ValueError, match="`torch_dtype: fp8` is not a torch dtype"):
+        local_judge(judge_dir, torch_dtype="fp8")
+
+
 def test_pairwise_missing_column_or_image(judge_dir):
     judge = local_judge(judge_dir, compare_to="reference")
     with pytest.raises(ValueError, match="needs the `reference` column; got: draft"):

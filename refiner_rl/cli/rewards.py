@@ -36,22 +36,32 @@ class CliError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refiner-rl rewards", description="List reward plug-ins or score images with a recipe's rewards.")
+    p = argparse.ArgumentParser(
+        prog="refiner-rl rewards", description="List reward plug-ins or score images with a recipe's rewards."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="every registered reward (built-in and entry point)")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sc = sub.add_parser("score", help="score a folder of images with the rewards of a recipe")
     sc.add_argument("--config", required=True, help="recipe YAML with a `rewards:` list")
     sc.add_argument("--images", required=True, help="folder of sample images to score")
-    sc.add_argument("--data", default=None, help="JSONL of records (prompt, draft, reference, target, mask) matched to the images")
+    sc.add_argument(
+        "--data",
+        default=None,
+        help="JSONL of records (prompt, draft, reference, target, mask) matched to the images",
+    )
     sc.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sc.add_argument("--device", default=None, help="device for reward models (default: each reward's own, cpu)")
+    sc.add_argument(
+        "--device", default=None, help="device for reward models (default: each reward's own, cpu)"
+    )
     sc.add_argument("--batch-size", type=int, default=8, help="images per reward call (default 8)")
     return p
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse already printed the usage / error
@@ -76,22 +86,33 @@ def _list(args: argparse.Namespace) -> int:
 
     rows = []
     for name, cls in registry.available_rewards().items():
-        rows.append({
-            "name": name,
-            "kind": cls.kind,
-            "required_fields": list(cls.required_fields),
-            "optional_fields": list(getattr(cls, "optional_fields", ())),
-            "provides_maps": bool(cls.provides_maps),
-            "source": registry.reward_source(name),
-            "class": f"{cls.__module__}:{cls.__qualname__}",
-            "description": _describe(cls),
-        })
+        rows.append(
+            {
+                "name": name,
+                "kind": cls.kind,
+                "required_fields": list(cls.required_fields),
+                "optional_fields": list(getattr(cls, "optional_fields", ())),
+                "provides_maps": bool(cls.provides_maps),
+                "source": registry.reward_source(name),
+                "class": f"{cls.__module__}:{cls.__qualname__}",
+                "description": _describe(cls),
+            }
+        )
     if args.json:
         print(json.dumps({"rewards": rows, "load_errors": registry.load_errors()}, indent=2))
     else:
         table = [["name", "kind", "required", "optional", "source", "description"]]
-        table += [[r["name"], r["kind"], ",".join(r["required_fields"]) or "-", ",".join(r["optional_fields"]) or "-",
-                   r["source"], r["description"]] for r in rows]
+        table += [
+            [
+                r["name"],
+                r["kind"],
+                ",".join(r["required_fields"]) or "-",
+                ",".join(r["optional_fields"]) or "-",
+                r["source"],
+                r["description"],
+            ]
+            for r in rows
+        ]
         print(_format_table(table))
     for where, err in registry.load_errors().items():
         print(f"warning: could not load {where}: {err}", file=sys.stderr)
@@ -117,10 +138,14 @@ def _load_recipe_rewards(path: str) -> list:
     except yaml.YAMLError as e:
         raise CliError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(recipe, dict) or "rewards" not in recipe:
-        raise CliError(f"recipe {path} has no top-level `rewards:` list (e.g. rewards: [{{name: masked_pixel, weight: 1.0}}])")
+        raise CliError(
+            f"recipe {path} has no top-level `rewards:` list (e.g. rewards: [{{name: masked_pixel, weight: 1.0}}])"
+        )
     specs = recipe["rewards"]
     if not isinstance(specs, list) or not specs:
-        raise CliError(f"recipe {path}: `rewards` must be a non-empty list of specs like {{name: masked_pixel, weight: 1.0}}")
+        raise CliError(
+            f"recipe {path}: `rewards` must be a non-empty list of specs like {{name: masked_pixel, weight: 1.0}}"
+        )
     return specs
 
 
@@ -133,14 +158,18 @@ def _open_image(path: str, mode: str, what: str):
             return img.convert(mode)
     except FileNotFoundError as e:
         raise CliError(f"{what}: file not found: {path}") from e
-    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
+    except Exception as e:
         raise CliError(f"{what}: cannot read image {path} ({type(e).__name__}: {e})") from e
 
 
 def _image_files(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise CliError(f"--images {folder}: not a folder")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
+    names = sorted(
+        n
+        for n in os.listdir(folder)
+        if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))
+    )
     if not names:
         raise CliError(f"--images {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return names
@@ -173,34 +202,44 @@ def _match_records(data_path: str, images: list[str], images_dir: str) -> tuple[
         elif rec.get("id") is not None:
             name = stems.get(str(rec["id"]))
         else:
-            raise CliError(f"--data {data_path}: line {lineno} has neither `image` nor `id` to match an image file")
+            raise CliError(
+                f"--data {data_path}: line {lineno} has neither `image` nor `id` to match an image file"
+            )
         if name is None:
             unmatched += 1
             continue
         if name in by_image:
-            raise CliError(f"--data {data_path}: lines {by_image[name][0]} and {lineno} both match image {name}")
+            raise CliError(
+                f"--data {data_path}: lines {by_image[name][0]} and {lineno} both match image {name}"
+            )
         by_image[name] = (lineno, rec)
     missing = [n for n in images if n not in by_image]
     if missing:
-        raise CliError(f"--data {data_path}: no record for image(s) {', '.join(missing)} (a record matches by `image` = file name, "
-                       "or by `id` = file name without extension)")
+        raise CliError(
+            f"--data {data_path}: no record for image(s) {', '.join(missing)} (a record matches by `image` = file name, "
+            "or by `id` = file name without extension)"
+        )
     return [by_image[n][1] for n in images], unmatched
 
 
 def _columns(records: list[dict], data_path: str) -> dict[str, list[Any]]:
-    """Record fields present in every record, loaded as tensors (images) or strings (prompt)."""
+    """Image fields of the records as tensor columns (``None`` where a record lacks the field)."""
     from refiner_rl.scoring.base import as_image_tensor
 
     base = os.path.dirname(os.path.abspath(data_path))
     columns: dict[str, list[Any]] = {}
     for field, mode in RECORD_IMAGE_FIELDS.items():
-        if all(rec.get(field) for rec in records):
-            values = []
-            for rec in records:
-                path = rec[field] if os.path.isabs(rec[field]) else os.path.join(base, rec[field])
-                img = _open_image(path, mode, f"record {rec.get('id', rec.get('image'))!r} field {field!r}")
-                values.append(as_image_tensor(img, channels=1 if mode == "L" else 3))
-            columns[field] = values
+        if not any(rec.get(field) for rec in records):
+            continue
+        values = []
+        for rec in records:
+            if not rec.get(field):
+                values.append(None)
+                continue
+            path = rec[field] if os.path.isabs(rec[field]) else os.path.join(base, rec[field])
+            img = _open_image(path, mode, f"record {rec.get('id', rec.get('image'))!r} field {field!r}")
+            values.append(as_image_tensor(img, channels=1 if mode == "L" else 3))
+        columns[field] = values
     return columns
 
 
@@ -215,12 +254,17 @@ def _score(args: argparse.Namespace) -> int:
     if args.data:
         records, unmatched = _match_records(args.data, names, args.images)
         if unmatched:
-            print(f"note: {unmatched} record(s) in {args.data} match no image in {args.images}", file=sys.stderr)
+            print(
+                f"note: {unmatched} record(s) in {args.data} match no image in {args.images}", file=sys.stderr
+            )
         columns = _columns(records, args.data)
         prompts = [str(r.get("prompt", "")) for r in records]
     try:
         rewards = registry.build_rewards(specs, device=args.device)
-        registry.check_required_fields(rewards, columns)
+        # a field counts as available when every record has it (a reward needing it would fail otherwise)
+        registry.check_required_fields(
+            rewards, [f for f, v in columns.items() if all(x is not None for x in v)]
+        )
     except registry.RewardConfigError as e:
         hint = "" if args.data else " (pass --data records.jsonl to provide record fields)"
         raise CliError(f"{args.config}: {e}{hint}") from e
@@ -242,20 +286,32 @@ def _score(args: argparse.Namespace) -> int:
                 errors[labels[k]] = result.error
     import torch
 
-    matrix = torch.tensor([[math.nan if v is None else v for v in row] for row in values], dtype=torch.float64)
+    matrix = torch.tensor(
+        [[math.nan if v is None else v for v in row] for row in values], dtype=torch.float64
+    )
     total, valid = aggregate.weighted_total(matrix, torch.tensor([r.weight for r in rewards]))
     totals = [float(t) if bool(ok) else None for t, ok in zip(total, valid)]
 
     for label, err in errors.items():
         print(f"reward {label!r} failed: {err}", file=sys.stderr)
     if args.json:
-        print(json.dumps({
-            "rewards": [{"label": lab, "name": r.name, "weight": r.weight} for lab, r in zip(labels, rewards)],
-            "rows": [{"image": n, "scores": dict(zip(labels, row)), "total": t} for n, row, t in zip(names, values, totals)],
-            "errors": errors,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "rewards": [
+                        {"label": lab, "name": r.name, "weight": r.weight} for lab, r in zip(labels, rewards)
+                    ],
+                    "rows": [
+                        {"image": n, "scores": dict(zip(labels, row)), "total": t}
+                        for n, row, t in zip(names, values, totals)
+                    ],
+                    "errors": errors,
+                },
+                indent=2,
+            )
+        )
     else:
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"
         table = [["image", *[f"{lab} (x{r.weight:g})" for lab, r in zip(labels, rewards)], "total"]]
         table += [[n, *[fmt(v) for v in row], fmt(t)] for n, row, t in zip(names, values, totals)]
         print(_format_table(table))

@@ -35,20 +35,15 @@ def _device(config):
     return PartialState().device if not getattr(config, "use_cpu", False) else "cpu"
 
 
-def _init_distributed(config) -> None:
-    from refiner_rl.distributed import init_process_group_for_cpu
-
-    init_process_group_for_cpu(config)
-
-
 def sft_main(argv: list[str]) -> int:
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
+    from refiner_rl.distributed import frozen_model_context
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
 
     _setup_logging()
     model_args, data_args, config = parse_recipe((ModelArguments, DataArguments, FlowSFTConfig), argv)
-    _init_distributed(config)
-    policy = build_policy(model_args, _device(config))
+    with frozen_model_context():  # under ZeRO-3, the codec and text encoders must not be partitioned
+        policy = build_policy(model_args, _device(config))
     multiple = policy.codec.downsample * 2
     train = data_args.build(multiple=multiple)
     eval_ds = data_args.build(multiple=multiple, eval=True) if data_args.eval_dataset else None
@@ -65,18 +60,19 @@ def sft_main(argv: list[str]) -> int:
 
 def grpo_main(argv: list[str]) -> int:
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
+    from refiner_rl.distributed import frozen_model_context
     from refiner_rl.scoring.registry import build_rewards
     from refiner_rl.trainers.grpo_config import FlowGRPOConfig
     from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 
     _setup_logging()
     model_args, data_args, config = parse_recipe((ModelArguments, DataArguments, FlowGRPOConfig), argv)
-    _init_distributed(config)
-    policy = build_policy(model_args, _device(config))
+    with frozen_model_context():  # under ZeRO-3, codec, text encoders and reward models must not be partitioned
+        policy = build_policy(model_args, _device(config))
+        rewards = build_rewards(config.rewards)
     multiple = policy.codec.downsample * 2
     train = data_args.build(multiple=multiple)
     eval_ds = data_args.build(multiple=multiple, eval=True)
-    rewards = build_rewards(config.rewards)
     trainer = FlowGRPOTrainer(policy, config, rewards, train, eval_dataset=eval_ds)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)

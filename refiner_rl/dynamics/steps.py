@@ -93,11 +93,12 @@ def step_mean_std(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the Gaussian ``p(x' | x)`` of one step (see the module table), both fp32.
 
-    ``noise_level`` is a (Flow-GRPO uses 0.7 for SD3 and 0.9 for Flux; DanceGRPO's eta is ~0.3). ``sigma_max``
-    only matters for ``flow_sde`` at s = 1, where ``s / (1 - s)`` is infinite: there Flow-GRPO puts the
-    schedule's first sigma below 1 (``sigmas[1]``) in the denominator, ``g = a sqrt(s / (1 - where(s == 1,
-    sigma_max, s)))``. When ``sigma_max`` is None, ``sigma_next`` is used, which is the same value for step 0.
-    ``std`` broadcasts against ``x`` (0-dim for float sigmas, ``[B, 1, ...]`` for per-sample sigmas).
+    ``noise_level`` is the table's a (Flow-GRPO uses 0.7 for SD3 and 0.9 for Flux; DanceGRPO's eta is
+    ~0.3). ``sigma_max`` only matters for ``flow_sde`` at s = 1, where ``s / (1 - s)`` is infinite: there
+    Flow-GRPO puts the schedule's first sigma below 1 (``sigmas[1]``) in the denominator,
+    ``g = a sqrt(s / (1 - where(s == 1, sigma_max, s)))``. When ``sigma_max`` is None, ``sigma_next`` is
+    used, which is the same value for step 0. ``std`` broadcasts against ``x`` (0-dim for float sigmas,
+    ``[B, 1, ...]`` for per-sample sigmas).
     """
     _check_args(rule, noise_level, sigma, sigma_next)
     x, v = x.float(), v.float()

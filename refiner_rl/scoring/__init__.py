@@ -6,7 +6,12 @@
 - :mod:`refiner_rl.scoring.patches`: patch grids, mask boxes and reward maps shared by patch-wise rewards.
 """
 
-from refiner_rl.scoring.aggregate import AdvantageResult, compute_advantages, spatial_advantages, weighted_total
+from refiner_rl.scoring.aggregate import (
+    AdvantageResult,
+    compute_advantages,
+    spatial_advantages,
+    weighted_total,
+)
 from refiner_rl.scoring.base import (
     KNOWN_FIELDS,
     Reward,

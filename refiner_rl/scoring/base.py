@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, ClassVar, Iterator, Literal, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 
@@ -38,7 +39,9 @@ def as_image_tensor(image: Any, channels: int = 3) -> torch.Tensor:
     else:
         import numpy as np
 
-        arr = np.asarray(image.convert("RGB" if channels == 3 else "L") if hasattr(image, "convert") else image)
+        arr = np.asarray(
+            image.convert("RGB" if channels == 3 else "L") if hasattr(image, "convert") else image
+        )
         t = torch.from_numpy(arr.copy())
         if t.ndim == 3:
             t = t.permute(2, 0, 1)
@@ -71,7 +74,12 @@ class Reward:
     kind: ClassVar[Literal["pointwise", "groupwise"]] = "pointwise"
     provides_maps: ClassVar[bool] = False
 
-    def __init__(self, weight: float = 1.0, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+    def __init__(
+        self,
+        weight: float = 1.0,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ):
         self.weight = float(weight)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if isinstance(dtype, str):
@@ -79,16 +87,20 @@ class Reward:
         self.dtype = dtype or torch.float32
 
     # -- to implement -------------------------------------------------------------------------------
-    def score(self, prompts: Sequence[str], completions: Sequence[torch.Tensor], **columns) -> list[float | None]:
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[torch.Tensor], **columns
+    ) -> list[float | None]:
         raise NotImplementedError
 
-    def score_maps(self, prompts: Sequence[str], completions: Sequence[torch.Tensor], **columns) -> tuple[list[float | None], list[torch.Tensor | None]]:
+    def score_maps(
+        self, prompts: Sequence[str], completions: Sequence[torch.Tensor], **columns
+    ) -> tuple[list[float | None], list[torch.Tensor | None]]:
         """Scores plus one per-patch map ``[h, w]`` per completion (the map covers the whole image on a
         regular grid). Rewards without spatial credit return ``None`` maps."""
         return self.score(prompts, completions, **columns), [None] * len(completions)
 
     # -- shared behaviour ---------------------------------------------------------------------------
-    def to(self, device: str | torch.device) -> "Reward":
+    def to(self, device: str | torch.device) -> Reward:
         self.device = torch.device(device)
         return self
 
@@ -119,6 +131,16 @@ def column_value(columns: dict, field: str, index: int) -> Any:
     completions; a shorter column is a data bug and raises)."""
     values = columns.get(field)
     return None if values is None else values[index]
+
+
+def required_value(columns: dict, field: str, index: int, reward: str) -> Any:
+    """``columns[field][index]``; a ValueError naming the reward, sample and field when it is missing."""
+    value = column_value(columns, field, index)
+    if value is None:
+        raise ValueError(
+            f"reward {reward!r}: sample {index} has no {field!r} (columns given: {sorted(columns)})"
+        )
+    return value
 
 
 def check_same_size(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, reward: str) -> None:
@@ -189,7 +211,9 @@ class ScoreResult(NamedTuple):
     error: str | None
 
 
-def score_safely(reward: Reward, prompts: Sequence[str], completions: Sequence[Any], **columns) -> ScoreResult:
+def score_safely(
+    reward: Reward, prompts: Sequence[str], completions: Sequence[Any], **columns
+) -> ScoreResult:
     """Score a batch with ``reward`` and never raise.
 
     - An exception inside the reward is logged as a warning naming the reward; every sample gets ``None``
@@ -211,10 +235,14 @@ def score_safely(reward: Reward, prompts: Sequence[str], completions: Sequence[A
         raw_scores = list(raw_scores)
         raw_maps = [None] * n if raw_maps is None else list(raw_maps)
         if len(raw_scores) != n or len(raw_maps) != n:
-            raise ValueError(f"returned {len(raw_scores)} scores and {len(raw_maps)} maps for {n} completions")
+            raise ValueError(
+                f"returned {len(raw_scores)} scores and {len(raw_maps)} maps for {n} completions"
+            )
     except Exception as e:  # noqa: BLE001 - a reward must never crash a run
         message = f"{type(e).__name__}: {e}"
-        logger.warning("reward %r failed on a batch of %d; its scores are None for this batch (%s)", label, n, message)
+        logger.warning(
+            "reward %r failed on a batch of %d; its scores are None for this batch (%s)", label, n, message
+        )
         return ScoreResult([None] * n, [None] * n, n, message)
 
     scores = [clean_score(s) for s in raw_scores]

@@ -29,7 +29,8 @@ import importlib.metadata
 import inspect
 import logging
 import pkgutil
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from refiner_rl.scoring.base import Reward
 
@@ -62,12 +63,17 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _add(name: str, cls: type[Reward], source: str) -> None:
+def _add(name: str, cls: type[Reward], source: str, override_source: bool = False) -> None:
     old = _REGISTRY.get(name)
     if old is not None and old is not cls and _qualname(old) != _qualname(cls):
-        raise ValueError(f"reward name {name!r} is taken by {_qualname(old)}; {_qualname(cls)} needs another name")
+        raise ValueError(
+            f"reward name {name!r} is taken by {_qualname(old)}; {_qualname(cls)} needs another name"
+        )
     _REGISTRY[name] = cls
-    _SOURCES.setdefault(name, source)
+    if override_source:
+        _SOURCES[name] = source
+    else:
+        _SOURCES.setdefault(name, source)
 
 
 def _discover_builtins() -> None:
@@ -94,7 +100,7 @@ def _discover_entry_points() -> None:
             cls = ep.load()
             if not (inspect.isclass(cls) and issubclass(cls, Reward)):
                 raise TypeError(f"{ep.value} is not a subclass of refiner_rl.scoring.Reward")
-            _add(cls.name or ep.name, cls, f"entry point ({dist})")
+            _add(cls.name or ep.name, cls, f"entry point ({dist})", override_source=True)
         except Exception as e:  # noqa: BLE001
             _LOAD_ERRORS[f"entry point {ep.name} = {ep.value} ({dist})"] = f"{type(e).__name__}: {e}"
             logger.warning("could not load reward entry point %s = %s: %s", ep.name, ep.value, e)
@@ -136,8 +142,10 @@ def _import_dotted(path: str) -> type[Reward]:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise RewardConfigError(f"cannot import reward {path!r} ({type(e).__name__}: {e}); "
-                                "a dotted path has the form 'package.module:ClassName'") from e
+        raise RewardConfigError(
+            f"cannot import reward {path!r} ({type(e).__name__}: {e}); "
+            "a dotted path has the form 'package.module:ClassName'"
+        ) from e
     if not (inspect.isclass(obj) and issubclass(obj, Reward)):
         raise RewardConfigError(f"{path!r} is not a subclass of refiner_rl.scoring.Reward")
     return obj
@@ -172,12 +180,16 @@ def accepted_options(cls: type[Reward]) -> list[str] | None:
     return None
 
 
-def build_reward(spec: Mapping[str, Any] | str, *, device: Any = None, dtype: Any = None, where: str = "reward") -> Reward:
+def build_reward(
+    spec: Mapping[str, Any] | str, *, device: Any = None, dtype: Any = None, where: str = "reward"
+) -> Reward:
     """One reward from a spec ``{name: ..., weight: ..., **options}`` (or a bare name)."""
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping):
-        raise RewardConfigError(f"{where}: expected a mapping like {{name: masked_pixel, weight: 1.0}}, got {spec!r}")
+        raise RewardConfigError(
+            f"{where}: expected a mapping like {{name: masked_pixel, weight: 1.0}}, got {spec!r}"
+        )
     options = dict(spec)
     name = options.pop("name", None)
     if not name:
@@ -204,7 +216,9 @@ def build_reward(spec: Mapping[str, Any] | str, *, device: Any = None, dtype: An
         raise RewardConfigError(f"{where}: cannot build reward {name!r}: {e}") from e
 
 
-def build_rewards(specs: Iterable[Mapping[str, Any] | str], *, device: Any = None, dtype: Any = None) -> list[Reward]:
+def build_rewards(
+    specs: Iterable[Mapping[str, Any] | str], *, device: Any = None, dtype: Any = None
+) -> list[Reward]:
     """Rewards from the recipe's ``rewards:`` list. ``device``/``dtype`` apply where a spec sets none."""
     if specs is None or isinstance(specs, (str, Mapping)):
         raise RewardConfigError("`rewards` must be a list of specs like [{name: masked_pixel, weight: 1.0}]")

@@ -11,6 +11,8 @@ Endpoints: ``GET /v1/models``, ``GET /health`` and ``POST /v1/chat/completions``
 (``temperature`` is ignored). With ``logprobs: true`` each generated token comes with its log-probability
 and its ``top_logprobs`` most likely alternatives. Requests are answered one forward at a time.
 
+``top_logprobs`` may go up to the vocabulary size (vLLM caps it at 20 by default).
+
 ``--delay`` (seconds before answering) and ``--fail-first K`` (the first K chat requests get 503) inject
 latency and failures, so that clients' timeouts and retries can be exercised for real.
 """

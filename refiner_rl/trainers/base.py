@@ -5,7 +5,10 @@ transformers' Trainer assumes a ``PreTrainedModel`` (SPEC §6). For a diffusers 
 - save the LoRA in the format ``FluxKontextPipeline.load_lora_weights`` reads (or the full transformer
   with ``save_pretrained``) instead of a bare state dict, and load it back on resume;
 - write checkpoints atomically: into a hidden temporary folder, renamed once complete, so a crash never
-  leaves a half-written ``checkpoint-N`` that a resume would pick up.
+  leaves a half-written ``checkpoint-N`` that a resume would pick up;
+- under DeepSpeed: fill the ``"auto"`` bucket sizes transformers derives from ``model.config.hidden_size`` (a
+  diffusers config has none), and under ZeRO-3 gather the partitioned weights when saving, so the output is the
+  same LoRA / diffusers folder a one-process run writes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import shutil
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from refiner_rl.distributed import fill_deepspeed_auto_values, gathered_state_dict, is_zero3
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +39,30 @@ class PolicyTrainerMixin:
             self.policy.transformer.enable_gradient_checkpointing()
             args.gradient_checkpointing = False
 
+    # ------------------------------------------------------------------------------------------- DeepSpeed
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.is_deepspeed_enabled:
+            # transformers would raise at train() on "auto" bucket sizes: a diffusers config has no hidden_size.
+            fill_deepspeed_auto_values(self.accelerator.state.deepspeed_plugin.hf_ds_config, self.policy.transformer)
+
+    def _zero3_engine(self):
+        """The DeepSpeed engine when the weights are ZeRO-3 partitioned (after train() started), else None."""
+        engine = getattr(self, "deepspeed", None)
+        return engine if engine is not None and is_zero3(self) else None
+
     # ---------------------------------------------------------------------------------------------- saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        engine = self._zero3_engine()
+        if engine is None:
+            return super().save_model(output_dir, _internal_call)
+        # ZeRO-3: every rank takes part in gathering (only the adapter for LoRA), rank 0 writes the same folder a
+        # one-process run writes. Works whether or not the config sets stage3_gather_16bit_weights_on_model_save.
+        module = self.accelerator.unwrap_model(self.model)
+        state_dict = gathered_state_dict(engine, module, trainable_only=self.policy.has_lora)
+        self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
@@ -42,11 +70,19 @@ class PolicyTrainerMixin:
         os.makedirs(output_dir, exist_ok=True)
         if self.policy.has_lora:
             if state_dict is not None and not any("lora" in k for k in state_dict):
+                if self._zero3_engine() is not None:
+                    raise RuntimeError("ZeRO-3 save: the gathered state dict has no LoRA keys; refusing to write partitioned weights")
                 state_dict = None  # a gathered dict without adapter keys: read the live module instead
             self.policy.save_lora(output_dir, state_dict=state_dict)
         else:
             model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(os.path.join(output_dir, FULL_WEIGHTS_DIR), state_dict=state_dict, safe_serialization=True)
+            folder = os.path.join(output_dir, FULL_WEIGHTS_DIR)
+            if state_dict:
+                save_transformer_state_dict(model, folder, state_dict)
+            elif self._zero3_engine() is not None:
+                raise RuntimeError("ZeRO-3 save: no gathered weights; refusing to write partitioned weights")
+            else:
+                model.save_pretrained(folder, safe_serialization=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -83,6 +119,18 @@ class PolicyTrainerMixin:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)  # fmt: skip
         self.accelerator.wait_for_everyone()
+
+
+def save_transformer_state_dict(model, folder: str, state_dict: dict) -> None:
+    """Write ``state_dict`` (e.g. gathered from ZeRO-3 shards) in the layout ``model.save_pretrained`` writes:
+    ``config.json`` + ``diffusion_pytorch_model*.safetensors`` (sharded at 10 GB with an index, as diffusers)."""
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(folder, exist_ok=True)
+    model.save_config(folder)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_torch_state_dict(state_dict, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size="10GB", metadata={"format": "pt"})  # fmt: skip
 
 
 def setup_wandb_env(report_to) -> None:

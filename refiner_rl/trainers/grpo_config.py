@@ -116,6 +116,12 @@ class FlowGRPOConfig(GRPOConfig):
             raise ValueError("`start_sigma` must be in (0, 1]")
         if self.remove_unused_columns:
             raise ValueError("`remove_unused_columns` must be False: the batches carry images")
+        if self.bf16 is None:
+            # TRL turns bf16 on whenever it is unset, CPU included: there autocast makes rollouts slow and the
+            # log-probs imprecise. Default to it on CUDA only.
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and not self.use_cpu and not self.fp16)
         super().__post_init__()
         if self.rollout_batch_size is None:
             self.rollout_batch_size = self.per_device_train_batch_size

@@ -7,7 +7,8 @@ Read top to bottom, one rollout is:
 3. decode, score with every reward (failures become ``None``, never a crash), gather scores across
    processes, compute group advantages (optionally per patch);
 4. for each micro-batch of the buffered rollout and each trained step: recompute the log-prob with the same
-   velocity forward, clipped surrogate + ``beta`` x KL against the reference, backward.
+   velocity forward (:meth:`FlowGRPOTrainer.step_distribution`), clipped surrogate + ``beta`` x KL against
+   the reference, backward.
 
 It builds on ``transformers.Trainer`` (like TRL's lean experimental trainers) and keeps TRL's config names
 and metric names; TRL's ``GRPOTrainer`` itself assumes a causal LM (SPEC §6).
@@ -15,31 +16,34 @@ and metric names; TRL's ``GRPOTrainer`` itself assumes a causal LM (SPEC §6).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
-import math
 import os
+import time
 from collections import defaultdict
 
 import torch
 from torch.nn import functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
 from refiner_rl.data import TripletDataset, collate_triplets
 from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
 from refiner_rl.policies.kontext import Conditions, KontextPolicy, TextEmbeds
-from refiner_rl.rollout import initial_latents, paste_back, rollout, sampling_sigmas
+from refiner_rl.rollout import Trajectory, initial_latents, paste_back, rollout, sampling_sigmas
 from refiner_rl.scoring.aggregate import compute_advantages, spatial_advantages
 from refiner_rl.scoring.base import Reward, score_safely
 from refiner_rl.scoring.registry import check_required_fields, reward_labels
-from refiner_rl.trainers.base import PolicyTrainerMixin, setup_wandb_env
+from refiner_rl.trainers.base import FULL_WEIGHTS_DIR, PolicyTrainerMixin, setup_wandb_env
 from refiner_rl.trainers.ema import EMA
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.losses import clipped_surrogate
 
 logger = logging.getLogger(__name__)
-EMA_FILE = "ema_state.pt"
+EMA_FILE = "ema_state.pt"  # EMA shadow weights, for resume
+EMA_DIR = "ema"  # the EMA weights in the same format as the live ones (LoRA or transformer/)
 
 
 class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
@@ -56,6 +60,8 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         self._setup_gradient_checkpointing(args)
         super().__init__(model=policy.transformer, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          data_collator=collate_triplets, callbacks=callbacks)  # fmt: skip
+        # compute_loss returns a per-micro-batch mean: let Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
         for r in rewards:
             r.to(self.accelerator.device)
         self.window = WindowSchedule(num_steps=args.num_inference_steps, size=args.sde_window_size, start=args.sde_window_start, mode=args.sde_window_mode,
@@ -64,10 +70,14 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         if args.beta > 0 and not policy.has_lora:
             self.ref_transformer = copy.deepcopy(policy.transformer).eval().requires_grad_(False)
         self.ema = EMA(policy.transformer, args.ema_decay) if args.ema_decay > 0 else None
+        if self.ema is not None:
+            self.add_callback(_EMAUpdate(self))
         self._step = 0
         self._buffered_inputs: list[dict] | None = None
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_samples: dict | None = None
+        # Wall-clock seconds per phase (rollout, reward, advantages per rollout; train per micro-step), for benches.
+        self.timings: dict[str, list[float]] = defaultdict(list)
 
     # ------------------------------------------------------------------------------------------------ data
     def get_train_dataloader(self):
@@ -77,7 +87,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
                                     sampler_fn=self._get_train_sampler, is_training=True)  # fmt: skip
 
     def _get_train_sampler(self, dataset=None):
-        return RepeatSampler(
+        return EpochRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.generation_batch_size // self.args.num_generations,
@@ -108,32 +118,46 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         return cond.select(inverse.to(dev)), inverse
 
     @torch.no_grad()
+    def _sample(self, batch: dict, cond: Conditions, generator: torch.Generator, sde_steps=(),
+                transformer=None) -> tuple[list[Trajectory], torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Trajectories (in micro-batches of ``rollout_batch_size``), sigmas and decoded images of ``batch``.
+        Shared by the rollout (SDE window) and held-out evaluation (``sde_steps=()``: ODE only)."""
+        args, policy = self.args, self.policy
+        sigmas = sampling_sigmas(args.num_inference_steps, cond.num_target_tokens, args.start_sigma)
+        draft_latents = policy.encode_images(batch["draft"].to(policy.device)) if args.start_sigma < 1 else None
+        x = initial_latents(policy, cond, generator, float(sigmas[0]), draft_latents)
+        trajs, mb = [], args.rollout_batch_size
+        for i in range(0, x.shape[0], mb):
+            sl = slice(i, i + mb)
+            trajs.append(rollout(policy, cond.select(sl), sigmas, x=x[sl], sde_steps=sde_steps, rule=args.sde_type,
+                                 noise_level=args.noise_level, generator=generator, true_cfg_scale=args.true_cfg_scale,
+                                 transformer=transformer))  # fmt: skip
+        images = policy.decode(torch.cat([t.latents for t in trajs]), cond.grid)
+        if args.paste_back:
+            images = paste_back(images, batch["draft"], batch["mask"])
+        return trajs, sigmas, images
+
+    @torch.no_grad()
     def _generate_and_score(self, batch: dict) -> dict:
         args, policy, acc = self.args, self.policy, self.accelerator
         dev = policy.device
+        t0 = _now(dev)
         cond, _ = self._conditions(batch)
         n = cond.tokens.shape[0]
-        sigmas = sampling_sigmas(args.num_inference_steps, cond.num_target_tokens, args.start_sigma)
         steps = self.window.steps(self.rollout_index, generator=torch.Generator().manual_seed(args.seed + self.rollout_index))
         # Sampling noise: deterministic per (seed, rollout, rank), so a resumed run draws the same noise.
         g = torch.Generator().manual_seed(hash((args.seed, self.rollout_index, acc.process_index)) % (2**63))
-        draft_latents = policy.encode_images(batch["draft"].to(dev)) if args.start_sigma < 1 else None
-        x = initial_latents(policy, cond, g, float(sigmas[0]), draft_latents)
-        trajs = []
-        mb = args.rollout_batch_size
+        # The same (wrapped, autocast-patched) module as compute_loss: one forward for rollout and training.
         model = self.model_wrapped if self.is_deepspeed_enabled else self.model
+        was_training = model.training
         model.eval()
-        for i in range(0, n, mb):
-            sl = slice(i, i + mb)
-            trajs.append(rollout(policy, cond.select(sl), sigmas, x=x[sl], sde_steps=steps, rule=args.sde_type,
-                                 noise_level=args.noise_level, generator=g, true_cfg_scale=args.true_cfg_scale,
-                                 transformer=model))  # fmt: skip
-        model.train()
-        latents = torch.cat([t.latents for t in trajs])
-        images = policy.decode(latents, cond.grid)
-        if args.paste_back:
-            images = paste_back(images, batch["draft"], batch["mask"])
+        try:
+            trajs, sigmas, images = self._sample(batch, cond, g, steps, transformer=model)
+        finally:
+            model.train(was_training)
+        t1 = _now(dev)
         scores, maps = self._score(batch, images)
+        t2 = _now(dev)
         # Gather across processes before advantages: group statistics must see whole groups.
         all_scores = acc.gather(scores.to(dev))
         group_ids = acc.gather(batch["index"].to(dev))
@@ -143,6 +167,10 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         local = slice(acc.process_index * n, (acc.process_index + 1) * n)
         adv = res.advantages[local].float().to(dev)
         token_adv = self._token_advantages(maps, group_ids, adv, cond)
+        t3 = _now(dev)
+        self.timings["rollout"].append(t1 - t0)
+        self.timings["reward"].append(t2 - t1)
+        self.timings["advantages"].append(t3 - t2)
         for k, v in res.metrics.items():
             self._metrics["train"][k].append(float(v))
         self._last_samples = {"batch": batch, "images": images.cpu(), "scores": scores.cpu(), "total": res.total_reward[local].cpu()}
@@ -165,7 +193,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         out = torch.full((len(comps), len(self.rewards)), float("nan"))
         maps: list[torch.Tensor | None] = []
         for j, (r, name) in enumerate(zip(self.rewards, self.reward_names)):
-            res = score_safely(r, list(batch["prompt"]), comps, **{k: v for k, v in cols.items()})
+            res = score_safely(r, list(batch["prompt"]), comps, **cols)
             out[:, j] = torch.tensor([float("nan") if s is None else s for s in res.scores])
             if res.n_failed:
                 logger.warning("reward %s could not score %d of %d samples%s", name, res.n_failed, len(comps),
@@ -178,7 +206,11 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         return out, maps
 
     def _token_advantages(self, maps, group_ids, adv: torch.Tensor, cond: Conditions) -> torch.Tensor | None:
-        """Per-token advantages ``[n, N]``: ``(1 - mix) A + mix A_patch`` (A where a patch has no score)."""
+        """Per-token advantages ``[n, N]``: ``(1 - mix) A + mix A_patch``.
+
+        ``A_patch`` is the weighted mean (weights ``w_k / sum |w_k|``) over rewards with maps of the
+        group-normalised map (:func:`spatial_advantages`), resized to the token grid (nearest; row-major like
+        the packed tokens). Where no reward scored a patch, ``A_patch = A``."""
         mix = self.args.spatial_advantage_mix
         used = [(m, r.weight) for m, r in zip(maps, self.rewards) if m is not None]
         if mix <= 0 or not used:
@@ -208,45 +240,61 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        dev = self.policy.device
+        t0, before = _now(dev), sum(sum(self.timings[k]) for k in ("rollout", "reward", "advantages"))
         loss = super().training_step(model, inputs, num_items_in_batch)
+        spent = sum(sum(self.timings[k]) for k in ("rollout", "reward", "advantages")) - before
+        self.timings["train"].append(_now(dev) - t0 - spent)
         self._step += 1
         return loss
 
     # ----------------------------------------------------------------------------------------------- loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args, policy = self.args, self.policy
-        cond: Conditions = inputs["cond"]
-        sigmas, steps = inputs["sigmas"], inputs["sde_steps"]
-        adv, tok_adv = inputs["advantages"], inputs["token_advantages"]
+    def step_distribution(self, model, inputs: dict, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of ``p_theta(x_{j+1} | x_j)`` at the ``j``-th trained step of the buffered rollout,
+        through the same velocity forward and step rule as the rollout (with gradient when enabled)."""
+        args, sigmas = self.args, inputs["sigmas"]
+        x, step = inputs["states"][:, j], inputs["sde_steps"][j]
+        s, s_next = sigmas[step].item(), sigmas[step + 1].item()
+        v = self.policy.velocity(x, torch.full((x.shape[0],), s, device=x.device), inputs["cond"], transformer=model,
+                                 true_cfg_scale=args.true_cfg_scale)  # fmt: skip
         sigma_max = sigmas[1] if len(sigmas) > 1 else None
+        return step_mean_std(args.sde_type, x, v, s, s_next, args.noise_level, sigma_max=sigma_max)
+
+    @torch.no_grad()
+    def recompute_log_probs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs ``[B, K]`` and per-token ``[B, K, N]`` of the stored next states under the current policy:
+        what ``compute_loss`` compares with ``old_log_probs`` (equal before any update: the ratio invariant)."""
+        out = [log_prob(inputs["next_states"][:, j], *self.step_distribution(model, inputs, j)) for j in range(len(inputs["sde_steps"]))]
+        return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
+
+    def _reference_mean(self, model, inputs: dict, j: int) -> torch.Tensor:
+        """Step mean of the reference policy: the LoRA adapter disabled, or the frozen copy (full fine-tuning)."""
+        with torch.no_grad():
+            if self.ref_transformer is not None:
+                return self.step_distribution(self.ref_transformer, inputs, j)[0]
+            with self.policy.adapter_disabled(model):
+                return self.step_distribution(model, inputs, j)[0]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``mean_j [ mean_i max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) + beta KL_j ]`` over the K trained
+        steps, with ``r = exp(log p_theta - log p_old)`` per sample (per token with spatial advantages)."""
+        args = self.args
+        adv, tok_adv = inputs["advantages"], inputs["token_advantages"]
         eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        steps = inputs["sde_steps"]
         total = 0.0
         stats = defaultdict(list)
-        for j, step in enumerate(steps):
-            x, x_next = inputs["states"][:, j], inputs["next_states"][:, j]
-            s, s_next = sigmas[step].item(), sigmas[step + 1].item()
-            sig = torch.full((x.shape[0],), s, device=x.device)
-            v = policy.velocity(x, sig, cond, transformer=model, true_cfg_scale=args.true_cfg_scale)
-            mean, std = step_mean_std(args.sde_type, x, v, s, s_next, args.noise_level, sigma_max=sigma_max)
-            lp, lp_tok = log_prob(x_next, mean, std)
-            old = inputs["old_log_probs"][:, j]
+        for j in range(len(steps)):
+            mean, std = self.step_distribution(model, inputs, j)
+            lp, lp_tok = log_prob(inputs["next_states"][:, j], mean, std)
             if tok_adv is None:
-                per, clip = clipped_surrogate(lp, old, adv, args.epsilon, eps_high)
-                step_loss = per.mean()
+                per, clip = clipped_surrogate(lp, inputs["old_log_probs"][:, j], adv, args.epsilon, eps_high)
             else:
                 # Per-token ratios against the rollout's per-token log-probs, weighted by per-token advantages.
-                old_tok = inputs["old_log_prob_tokens"][:, j]
-                per, clip = clipped_surrogate(lp_tok, old_tok, tok_adv, args.epsilon, eps_high)
-                step_loss = per.mean()
+                per, clip = clipped_surrogate(lp_tok, inputs["old_log_prob_tokens"][:, j], tok_adv, args.epsilon, eps_high)
+            step_loss = per.mean()
             if args.beta > 0:
-                with torch.no_grad():
-                    if self.ref_transformer is not None:
-                        v_ref = policy.velocity(x, sig, cond, transformer=self.ref_transformer, true_cfg_scale=args.true_cfg_scale)
-                    else:
-                        with policy.adapter_disabled(model):
-                            v_ref = policy.velocity(x, sig, cond, transformer=model, true_cfg_scale=args.true_cfg_scale)
-                    mean_ref, _ = step_mean_std(args.sde_type, x, v_ref, s, s_next, args.noise_level, sigma_max=sigma_max)
-                kl, _ = kl_same_std(mean, mean_ref, std)
+                kl, _ = kl_same_std(mean, self._reference_mean(model, inputs, j), std)
                 step_loss = step_loss + args.beta * kl.mean()
                 stats["kl"].append(kl.mean().item())
             total = total + step_loss / len(steps)
@@ -257,17 +305,6 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         for k, vals in stats.items():
             self._metrics["train"][k].append(sum(vals) / len(vals))
         return total
-
-    # ------------------------------------------------------------------------------------------- updates
-    def optimizer_step_hook(self) -> None:
-        if self.ema is not None:
-            self.ema.update(self.accelerator.unwrap_model(self.model))
-
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=None):
-        # Called once per optimizer step: the place to update the EMA after the step.
-        self.optimizer_step_hook()
-        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
-                                                learning_rate=learning_rate)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -305,29 +342,34 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------ held-out
     @torch.no_grad()
-    def evaluate_rewards(self, dataset: TripletDataset | None = None, *, num_samples: int = 1, batch_size: int = 16,
-                         seed: int = 1234) -> dict[str, float]:  # fmt: skip
-        """Mean rewards of ODE samples on held-out triplets (EMA weights when EMA is on)."""
+    def evaluate_rewards(self, dataset: TripletDataset | None = None, *, batch_size: int = 16, seed: int = 1234,
+                         use_ema: bool = True) -> dict[str, float]:  # fmt: skip
+        """Mean rewards of ODE samples (the rollout's sampler without its SDE window) on held-out triplets.
+
+        Uses the EMA weights when EMA is on (``use_ema``). Deterministic given ``seed``: the same noise for
+        every call, so two checkpoints are compared on the same draws. ``reward`` is the weighted total."""
         from torch.utils.data import DataLoader
 
-        from refiner_rl.evaluation import generate
-
         dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate_rewards needs a held-out dataset: pass one or give the trainer `eval_dataset`")
         model = self.accelerator.unwrap_model(self.model)
-        ctx = self.ema.applied(model) if self.ema is not None else _nullctx()
+        ctx = self.ema.applied(model) if (self.ema is not None and use_ema) else contextlib.nullcontext()
         totals, per = [], defaultdict(list)
+        was_training = model.training
+        w = torch.tensor([r.weight for r in self.rewards])
         with ctx:
             model.eval()
-            for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_triplets)):
-                images = generate(self.policy, batch, num_steps=self.args.num_inference_steps, seed=seed + i,
-                                  start_sigma=self.args.start_sigma, paste=self.args.paste_back,
-                                  true_cfg_scale=self.args.true_cfg_scale)  # fmt: skip
-                scores, _ = self._score(batch, images)
-                w = torch.tensor([r.weight for r in self.rewards])
-                totals.append(torch.nansum(scores * w, dim=1))
-                for j, name in enumerate(self.reward_names):
-                    per[name].append(scores[:, j])
-            model.train()
+            try:
+                for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_triplets)):
+                    cond, _ = self._conditions(batch)
+                    _, _, images = self._sample(batch, cond, torch.Generator().manual_seed(seed + i), transformer=model)
+                    scores, _ = self._score(batch, images)
+                    totals.append(torch.nansum(scores * w, dim=1))
+                    for j, name in enumerate(self.reward_names):
+                        per[name].append(scores[:, j])
+            finally:
+                model.train(was_training)
         out = {"reward": torch.cat(totals).mean().item()}
         out.update({f"rewards/{n}/mean": torch.nanmean(torch.cat(v)).item() for n, v in per.items()})
         return out
@@ -341,13 +383,23 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         return metrics
 
     # ------------------------------------------------------------------------------------- checkpointing
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.ema is not None and self.args.should_save:
-            path = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}", EMA_FILE)
-            tmp = path + ".tmp"
-            torch.save(self.ema.state_dict(), tmp)
-            os.replace(tmp, path)
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The live weights (base class), plus with EMA: its shadow (``ema_state.pt``, for resume) and the EMA
+        weights in the same format under ``ema/``. Checkpoints call this inside their temporary folder, so the
+        EMA is part of the atomic rename."""
+        super()._save(output_dir, state_dict)
+        if self.ema is None or not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        tmp = os.path.join(output_dir, EMA_FILE + ".tmp")
+        torch.save(self.ema.state_dict(), tmp)
+        os.replace(tmp, os.path.join(output_dir, EMA_FILE))
+        model = self.accelerator.unwrap_model(self.model)
+        with self.ema.applied(model):
+            if self.policy.has_lora:
+                self.policy.save_lora(os.path.join(output_dir, EMA_DIR))
+            else:
+                model.save_pretrained(os.path.join(output_dir, EMA_DIR, FULL_WEIGHTS_DIR), safe_serialization=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -363,14 +415,46 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         if resume_from_checkpoint:
-            import json
-
             with open(os.path.join(resume_from_checkpoint, "trainer_state.json")) as f:
                 step = json.load(f)["global_step"]
             # The rollout counter follows the optimizer step, so window and noise continue where they stopped.
             self._step = step * self.args.gradient_accumulation_steps
             self._buffered_inputs = None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """TRL's ``RepeatSampler`` whose shuffle depends only on ``(seed, epoch)``. TRL's draws each epoch's order
+    from one generator, so a run resumed in epoch e > 0 would replay epoch 0's order; Trainer calls
+    ``set_epoch`` at every epoch (through accelerate's loader), which reseeds here."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) * 1_000_003 + self.epoch)
+        return super().__iter__()
+
+
+class _EMAUpdate(TrainerCallback):
+    """EMA after every optimizer step (and only then: the epoch-end log/save hook runs without a step)."""
+
+    def __init__(self, trainer: FlowGRPOTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        t = self.trainer
+        t.ema.update(t.accelerator.unwrap_model(t.model))
+
+
+def _now(device) -> float:
+    """Wall clock after the device's queued work (phase timings must not leak into the next phase)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _slice_rollout(full: dict, sl: slice) -> dict:
@@ -385,11 +469,3 @@ def _slice_rollout(full: dict, sl: slice) -> dict:
 def _has_target(ds) -> bool:
     recs = getattr(ds, "records", None)
     return bool(recs) and recs[0].get("target") not in (None, "")
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from refiner_rl.distributed import prepare_cpu_distributed
 from refiner_rl.dynamics.schedules import LOSS_WEIGHTING_SCHEMES, TRAINING_SIGMA_SCHEMES
 
 
@@ -39,7 +40,8 @@ class FlowSFTConfig(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (1e-4 suits LoRA; use ~1e-5 for full fine-tuning)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns (must stay False)."})
-    report_to: str | list[str] | None = field(default="wandb", metadata={"help": "Loggers: wandb (offline without an API key), tensorboard, none."})
+    # `None | str | list[str]` in this order, as TrainingArguments: HfArgumentParser then reads a `str`.
+    report_to: None | str | list[str] = field(default="wandb", metadata={"help": "Loggers: wandb (offline without an API key), tensorboard, none."})
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps (atomic writes)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
@@ -55,4 +57,6 @@ class FlowSFTConfig(TrainingArguments):
             raise ValueError("`mask_weight` must be >= 0")
         if self.remove_unused_columns:
             raise ValueError("`remove_unused_columns` must be False: the batches carry images")
+        # Under `accelerate launch` without CUDA: gloo process group, reused by the Trainer (before the device setup).
+        prepare_cpu_distributed(self)
         super().__post_init__()

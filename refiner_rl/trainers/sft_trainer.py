@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from refiner_rl.data import BucketBatchOrderSampler, TripletDataset, collate_triplets
+from refiner_rl.distributed import keyed_generator, occurrence_keys
 from refiner_rl.dynamics.schedules import loss_weighting, sample_training_sigmas
 from refiner_rl.policies.kontext import KontextPolicy, TextEmbeds
 from refiner_rl.trainers.base import PolicyTrainerMixin, setup_wandb_env
@@ -45,9 +46,19 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
         return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
 
     # ------------------------------------------------------------------------------------------------ loss
-    def _text(self, inputs: dict) -> TextEmbeds:
+    def _sample_generators(self, inputs: dict) -> list[torch.Generator]:
+        """One generator per sample, keyed by (seed, optimizer step, record, occurrence): caption dropout, sigma and
+        noise do not depend on which process holds the sample, so N processes x B samples train exactly like
+        1 process x N*B, and a resumed run draws what the uninterrupted one drew."""
+        step = self.state.global_step
+        return [keyed_generator(self.args.seed, step, i, k) for i, k in occurrence_keys(inputs["index"])]
+
+    def _text(self, inputs: dict, gens: list[torch.Generator]) -> TextEmbeds:
         prompts = list(inputs["prompt"])
-        drop = torch.rand(len(prompts)) < self.args.caption_dropout if self.model.training else torch.zeros(len(prompts), dtype=torch.bool)
+        if self.model.training:
+            drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < self.args.caption_dropout
+        else:
+            drop = torch.zeros(len(prompts), dtype=torch.bool)
         if "prompt_embeds" in inputs:
             seq, pooled = inputs["prompt_embeds"].clone(), inputs["pooled_prompt_embeds"].clone()
             seq[drop], pooled[drop] = 0.0, 0.0  # precomputed embeddings: dropout zeroes them
@@ -58,13 +69,15 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy, args = self.policy, self.args
         dev = policy.device
-        cond = policy.encode_conditions(inputs["draft"].to(dev), inputs["reference"].to(dev), text=self._text(inputs))
+        gens = self._sample_generators(inputs)
+        cond = policy.encode_conditions(inputs["draft"].to(dev), inputs["reference"].to(dev), text=self._text(inputs, gens))
         x0 = policy.encode_images(inputs["target"].to(dev))
-        noise = torch.randn_like(x0)
-        sigma = sample_training_sigmas(
-            x0.shape[0], args.timestep_sampling, args.logit_mean, args.logit_std, args.mode_scale,
-            shift=args.timestep_shift, device=dev,
-        )  # fmt: skip
+        sigma = torch.cat([
+            sample_training_sigmas(1, args.timestep_sampling, args.logit_mean, args.logit_std, args.mode_scale,
+                                   generator=g, shift=args.timestep_shift)
+            for g in gens
+        ]).to(dev)  # fmt: skip
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev, x0.dtype)
         s = sigma.view(-1, 1, 1)
         xt = (1.0 - s) * x0 + s * noise
         v = policy.velocity(xt, sigma, cond, transformer=model)

@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML), installed as ``refiner_rl.recipes`` so ``refiner-rl demo`` finds them anywhere."""

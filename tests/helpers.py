@@ -1,0 +1,31 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from refiner_rl.data import TripletDataset, synthetic_records
+from refiner_rl.policies import KontextPolicy
+
+SMALL = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6))
+
+
+def small_policy(lora: bool = False, rank: int = 4, **overrides) -> KontextPolicy:
+    torch.manual_seed(0)
+    p = KontextPolicy.tiny(**{**SMALL, **overrides})
+    if lora:
+        p.add_lora(rank=rank)
+    return p
+
+
+def perturb_lora(policy: KontextPolicy, scale: float = 0.05, seed: int = 1) -> None:
+    """LoRA B starts at zero, so a fresh adapter equals its reference (SPEC §6): give it some weight."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def synthetic_dataset(n: int = 8, seed: int = 0, size: int = 32, **kw) -> TripletDataset:
+    return TripletDataset(synthetic_records(n, seed=seed, size=size), None, multiple=4, **kw)

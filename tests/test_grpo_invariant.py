@@ -1,0 +1,92 @@
+"""The GRPO invariant (SPEC §3): before the first update, the log-prob recomputed in training equals the one
+stored at rollout, |ratio - 1| < 1e-5 in fp32, for every step rule, LoRA and full fine-tuning, with and
+without true CFG. Driven through the trainer's own rollout (``_prepare_inputs``) and the recompute that
+``compute_loss`` uses (``step_distribution``), then through ``compute_loss`` itself and its logged metrics."""
+
+import pytest
+import torch
+
+from refiner_rl.scoring import build_rewards
+from refiner_rl.trainers.grpo_config import FlowGRPOConfig
+from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
+from tests.helpers import perturb_lora, small_policy, synthetic_dataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny forwards on a shared 2-core machine: two OpenMP threads spin against other processes (measured
+    # 10x slower rollouts than one thread under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(tmp_path, lora: bool, **kw) -> FlowGRPOTrainer:
+    policy = small_policy(lora=lora)
+    if lora:
+        perturb_lora(policy)  # LoRA B starts at 0: without this the adapter would not take part
+    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, steps_per_generation=2,
+                num_generations=2, num_inference_steps=4, sde_window_size=2, beta=0.01, report_to="none",
+                use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+                rewards=[{"name": "masked_pixel", "weight": 1.0}])  # fmt: skip
+    args = FlowGRPOConfig(**{**base, **kw})
+    return FlowGRPOTrainer(policy, args, build_rewards(args.rewards), synthetic_dataset(4, size=16))
+
+
+def _check_micro_batches(trainer: FlowGRPOTrainer) -> None:
+    assert trainer.args.bf16 is False and trainer.policy.dtype == torch.float32
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    for micro in range(trainer.args.steps_per_generation):
+        trainer._step = micro  # the second micro-batch comes from the buffered rollout
+        inputs = trainer._prepare_inputs(batch)
+        assert inputs["old_log_probs"].shape == (2, trainer.args.sde_window_size)
+        assert inputs["states"].dtype == torch.float32
+        lp, lp_tok = trainer.recompute_log_probs(model, inputs)
+        ratio = torch.exp(lp - inputs["old_log_probs"])
+        ratio_tok = torch.exp(lp_tok - inputs["old_log_prob_tokens"])
+        assert (ratio - 1).abs().max().item() < 1e-5, ratio
+        assert (ratio_tok - 1).abs().max().item() < 1e-5
+
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(model, inputs)
+        assert torch.isfinite(loss) and loss.requires_grad
+        m = trainer._metrics["train"]
+        assert abs(m["ratio"][-1] - 1.0) < 1e-5
+        assert m["clip_ratio/low_mean"][-1] == m["clip_ratio/high_mean"][-1] == m["clip_ratio/region_mean"][-1] == 0.0
+        assert m["kl"][-1] >= 0.0
+    assert trainer._buffered_inputs is not None and len(trainer._buffered_inputs) == 2
+
+
+@pytest.mark.parametrize("sde_type", ["flow_sde", "cps", "dance"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("cfg", [False, True], ids=["no_cfg", "true_cfg"])
+def test_ratio_is_one_before_the_first_update(tmp_path, sde_type, lora, cfg):
+    kw = dict(true_cfg_scale=3.0, negative_prompt="blurry, low detail") if cfg else {}
+    noise = 0.7 if sde_type == "cps" else (0.3 if sde_type == "dance" else 0.9)
+    trainer = _trainer(tmp_path, lora, sde_type=sde_type, noise_level=noise, **kw)
+    if lora:
+        assert trainer.ref_transformer is None  # KL reference = the adapter disabled
+    else:
+        assert trainer.ref_transformer is not None
+    _check_micro_batches(trainer)
+
+
+def test_ratio_is_one_with_a_rollout_batch_larger_than_the_training_micro_batch(tmp_path):
+    # Rollout runs the 4 samples in one forward, training recomputes them 2 by 2 (and with a sliding window).
+    trainer = _trainer(tmp_path, True, rollout_batch_size=4, sde_window_mode="sliding", sde_window_size=1, true_cfg_scale=2.0)
+    _check_micro_batches(trainer)
+
+
+def test_a_perturbed_adapter_has_a_positive_kl_and_a_fresh_one_has_none(tmp_path):
+    trainer = _trainer(tmp_path, True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = trainer._prepare_inputs(batch)
+    trainer.compute_loss(trainer.model, inputs)
+    assert trainer._metrics["train"]["kl"][-1] > 1e-8
+
+    fresh = FlowGRPOTrainer(small_policy(lora=True), trainer.args, trainer.rewards, trainer.train_dataset)
+    inputs = fresh._prepare_inputs(batch)
+    fresh.compute_loss(fresh.model, inputs)
+    assert fresh._metrics["train"]["kl"][-1] == 0.0  # B = 0: the adapter equals its reference (SPEC §6)
