@@ -101,9 +101,11 @@ def test_one_sgd_step_raises_the_log_prob_of_positive_advantage_samples(tmp_path
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     trainer.compute_loss(model, inputs).backward()
+    # Log-probs are means over latent dims, so gradients are ~1e-4: take a step of fixed length along -grad.
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
     with torch.no_grad():
         for p in params:
-            p -= 1e-2 * p.grad
+            p -= 5e-2 * p.grad / norm
     after, _ = trainer.recompute_log_probs(model, inputs)
     delta = (after - before).sum(dim=1)  # summed over the trained steps
     assert (delta[adv > 0] > 0).all() and (delta[adv < 0] < 0).all(), delta

@@ -107,3 +107,18 @@ def test_full_finetune_saves_diffusers_transformer(tmp_path):
     loaded = FluxTransformer2DModel.from_pretrained(str(tmp_path / "out" / "transformer"), use_safetensors=True)
     sd = policy.transformer.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_gradient_checkpointing_uses_diffusers_own_switch(tmp_path):
+    policy = small_policy(lora=True)
+    trainer = FlowSFTTrainer(policy, _args(tmp_path, max_steps=2, gradient_checkpointing=True), synthetic_dataset(8))
+    assert policy.transformer.is_gradient_checkpointing
+    trainer.train()
+    assert [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        _args(tmp_path, timestep_sampling="cosine")
+    with pytest.raises(ValueError, match="caption_dropout"):
+        _args(tmp_path, caption_dropout=1.5)

@@ -37,11 +37,14 @@ def _device(config):
 
 def sft_main(argv: list[str]) -> int:
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
+    from transformers import set_seed
+
     from refiner_rl.distributed import frozen_model_context
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
 
     _setup_logging()
     model_args, data_args, config = parse_recipe((ModelArguments, DataArguments, FlowSFTConfig), argv)
+    set_seed(config.seed)  # the LoRA's A matrices are random: every process (and every rerun) must draw the same
     with frozen_model_context():  # under ZeRO-3, the codec and text encoders must not be partitioned
         policy = build_policy(model_args, _device(config))
     multiple = policy.codec.downsample * 2
@@ -60,6 +63,8 @@ def sft_main(argv: list[str]) -> int:
 
 def grpo_main(argv: list[str]) -> int:
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
+    from transformers import set_seed
+
     from refiner_rl.distributed import frozen_model_context
     from refiner_rl.scoring.registry import build_rewards
     from refiner_rl.trainers.grpo_config import FlowGRPOConfig
@@ -67,6 +72,7 @@ def grpo_main(argv: list[str]) -> int:
 
     _setup_logging()
     model_args, data_args, config = parse_recipe((ModelArguments, DataArguments, FlowGRPOConfig), argv)
+    set_seed(config.seed)  # the LoRA's A matrices are random: every process (and every rerun) must draw the same
     with frozen_model_context():  # under ZeRO-3, codec, text encoders and reward models must not be partitioned
         policy = build_policy(model_args, _device(config))
         rewards = build_rewards(config.rewards)

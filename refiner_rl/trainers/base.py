@@ -34,10 +34,13 @@ class PolicyTrainerMixin:
     policy = None  # set by the subclass before Trainer.__init__
 
     def _setup_gradient_checkpointing(self, args) -> None:
-        # Trainer would call `model.gradient_checkpointing_enable`, which diffusers models lack.
-        if args.gradient_checkpointing:
+        # Trainer would call `model.activation_checkpointing_enable` / `gradient_checkpointing_enable`, which
+        # diffusers models lack; transformers 5 reads `activation_checkpointing` (gradient_* is its alias).
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             self.policy.transformer.enable_gradient_checkpointing()
             args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
 
     # ------------------------------------------------------------------------------------------- DeepSpeed
     def create_accelerator_and_postprocess(self) -> None:
