@@ -27,12 +27,29 @@ class Trajectory:
     sigmas: torch.Tensor  # [num_steps + 1]
 
 
-def initial_latents(policy: KontextPolicy, cond: Conditions, generator: torch.Generator | None,
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape, generator: Generators, device) -> torch.Tensor:
+    """Standard normal fp32 noise of ``shape`` on ``device``, drawn on the generator's device.
+
+    ``generator`` is one generator for the whole batch, or one per sample (row): then each sample's noise depends
+    only on its own generator, whatever batch or process it lands in (how data-parallel runs stay equal to one
+    process)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} samples")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(device) for g in generator]
+        return torch.stack(rows)
+    dev = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=dev, dtype=torch.float32).to(device)
+
+
+def initial_latents(policy: KontextPolicy, cond: Conditions, generator: Generators,
                     start_sigma: float = 1.0, draft_latents: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Pure noise (``start_sigma = 1``), or the draft noised to ``start_sigma`` (SDEdit-style start)."""
     b, n, c = cond.tokens.shape[0], cond.num_target_tokens, cond.tokens.shape[-1]
-    dev = generator.device if generator is not None else policy.device
-    noise = torch.randn((b, n, c), generator=generator, device=dev, dtype=torch.float32).to(policy.device)
+    noise = randn((b, n, c), generator, policy.device)
     if start_sigma >= 1.0 or draft_latents is None:
         return noise
     return (1.0 - start_sigma) * draft_latents.float() + start_sigma * noise
@@ -54,11 +71,13 @@ def rollout(
     sde_steps: Sequence[int] = (),
     rule: str = "flow_sde",
     noise_level: float = 0.9,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     true_cfg_scale: float = 1.0,
     transformer=None,
 ) -> Trajectory:
-    """Integrate from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` with SDE steps at ``sde_steps``."""
+    """Integrate from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` with SDE steps at ``sde_steps``.
+
+    ``generator``: one for the batch, or one per sample (see :func:`randn`)."""
     sde = set(sde_steps)
     if sde and max(sde) >= len(sigmas) - 1:
         raise ValueError(f"sde_steps {sorted(sde)} out of range for {len(sigmas) - 1} steps")
@@ -70,7 +89,10 @@ def rollout(
         v = policy.velocity(x, torch.full((x.shape[0],), s, device=x.device), cond,
                             transformer=transformer, true_cfg_scale=true_cfg_scale)  # fmt: skip
         if i in sde:
-            out = sde_step(rule, x, v, s, s_next, noise_level, generator=generator, sigma_max=sigma_max)
+            per_sample = isinstance(generator, (list, tuple))
+            noise = randn(x.shape, generator, x.device) if per_sample else None
+            out = sde_step(rule, x, v, s, s_next, noise_level, generator=None if per_sample else generator,
+                           noise=noise, sigma_max=sigma_max)  # fmt: skip
             states.append(x)
             nexts.append(out.next_sample)
             lps.append(out.log_prob)

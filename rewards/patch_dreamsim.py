@@ -11,7 +11,8 @@ the reward patch-wise; its patch size and selection are not published, so they a
 
 Every patch is cropped from the sample and from the ``compare_to`` image (``target``, default, or
 ``reference``, which must then have the sample's size), resized to DreamSim's 224 and embedded in batched
-forwards (``batch_size`` pairs at a time, all patches of all samples together). Per patch:
+forwards (``batch_size`` pairs at a time, all patches of all samples together; 64 suits a GPU, on a CPU
+8-16 is as fast: there the forward is compute-bound and batching gains nothing). Per patch:
 ``reward = 1 - distance = cos(embed(sample patch), embed(other patch))`` (DreamSim's distance is
 ``1 - cosine``). The image's reward is the mean over patches (``aggregate: mean``) or the mean weighted by how
 many mask pixels each patch owns (``aggregate: area``). :meth:`score_maps` also returns the per-patch values
@@ -20,9 +21,9 @@ on the ``patch_size`` grid over the whole image (NaN outside the selection).
 Weights. ``dreamsim`` 0.2.1 downloads its checkpoint (and, for DINO, the ``facebookresearch/dino`` torch-hub
 code and backbone) into ``cache_dir`` on first use. We never download implicitly: when files are missing,
 construction fails at once with the command that fetches them, unless ``allow_download: true`` and
-``HF_HUB_OFFLINE`` is unset. ``dreamsim_type`` defaults to ``dino_vitb16``: one ViT-B/16 (the
-``ensemble`` default of the package runs three backbones for about 1.5 points of 2AFC agreement in the
-DreamSim paper; a reward evaluated on thousands of patches per step needs the single model).
+``HF_HUB_OFFLINE`` is unset. ``dreamsim_type`` defaults to ``dino_vitb16``: one ViT-B/16. The package's own
+default, ``ensemble``, runs three ViT-B backbones (DINO, CLIP, OpenCLIP), three times the cost per patch, and
+a patch reward runs thousands of patches per step; choose ``ensemble`` where its accuracy is worth it.
 
 Tests and the benchmark use :func:`make_random_dreamsim_cache`, which writes a cache folder with the same
 layout and random weights (a small ViT with the 12 blocks DreamSim reads from), and load it through the same

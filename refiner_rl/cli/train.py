@@ -3,6 +3,7 @@ overrides), build the policy and data, train, save. Both run the same under ``ac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -17,16 +18,37 @@ def _setup_logging() -> None:
 
 
 def parse_recipe(dataclass_types, argv: list[str]):
-    """TrlParser over ``dataclass_types``; unknown YAML keys fail naming the key."""
+    """TrlParser over ``dataclass_types``; unknown YAML keys fail naming the key.
+
+    A name defined by two of the types (TRL's ``GRPOConfig`` also has ``trust_remote_code``) is one option: the
+    last type parses it and the earlier ones receive the same value."""
     from trl import TrlParser
 
-    parser = TrlParser(dataclass_types)
+    types = list(dataclass_types)
+    later = [set().union(*({f.name for f in dataclasses.fields(t)} for t in types[i + 1 :])) for i in range(len(types))]
+    shared = [{f.name for f in dataclasses.fields(t)} & later[i] for i, t in enumerate(types)]
+    parser = TrlParser([_without_fields(t, names) if names else t for t, names in zip(types, shared)])
     try:
-        return parser.parse_args_and_config(argv)
+        parsed = list(parser.parse_args_and_config(argv))
     except ValueError as e:
         if "Unknown arguments from config file" in str(e):
             raise SystemExit(f"refiner-rl: bad recipe key: {e}") from None
         raise
+    for i, (t, names) in enumerate(zip(types, shared)):
+        if names:  # rebuild the real dataclass (its __post_init__ checks run here) with the shared values
+            values = {f.name: getattr(parsed[i], f.name) for f in dataclasses.fields(parsed[i]) if f.init}
+            owner = {n: next(parsed[j] for j in range(i + 1, len(types)) if hasattr(parsed[j], n)) for n in names}
+            parsed[i] = t(**values, **{n: getattr(o, n) for n, o in owner.items()})
+    return tuple(parsed)
+
+
+def _without_fields(cls, names: set[str]):
+    """A plain dataclass with ``cls``'s fields except ``names`` (parsing only; no ``__post_init__``)."""
+    keep = [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+            for f in dataclasses.fields(cls) if f.name not in names and f.init]  # fmt: skip
+    out = dataclasses.make_dataclass(cls.__name__, keep)
+    out.__module__ = cls.__module__  # string annotations resolve in the original module
+    return out
 
 
 def _device(config):

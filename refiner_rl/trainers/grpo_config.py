@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from refiner_rl.distributed import prepare_cpu_distributed
 from refiner_rl.dynamics import STEP_RULES, WINDOW_MODES
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -77,7 +78,7 @@ class FlowGRPOConfig(GRPOConfig):
     loss_type: str = field(default="grpo", metadata={"help": f"One of {LOSS_TYPES}; all reduce to the same mean for images."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool | None = field(default=False, metadata={"help": "Keep image columns (must stay False)."})
-    report_to: str | list[str] | None = field(default="wandb", metadata={"help": "Loggers: wandb (offline without an API key), none."})
+    report_to: None | str | list[str] = field(default="wandb", metadata={"help": "Loggers: wandb (offline without an API key), none."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on with CUDA)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
 
@@ -122,6 +123,8 @@ class FlowGRPOConfig(GRPOConfig):
             import torch
 
             self.bf16 = bool(torch.cuda.is_available() and not self.use_cpu and not self.fp16)
+        # Under `accelerate launch` without CUDA: gloo process group, reused by the Trainer (before the device setup).
+        prepare_cpu_distributed(self)
         super().__post_init__()
         if self.rollout_batch_size is None:
             self.rollout_batch_size = self.per_device_train_batch_size

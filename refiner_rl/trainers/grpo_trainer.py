@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
 from refiner_rl.data import TripletDataset, collate_triplets
+from refiner_rl.distributed import keyed_generator
 from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
 from refiner_rl.policies.kontext import Conditions, KontextPolicy, TextEmbeds
 from refiner_rl.rollout import Trajectory, initial_latents, paste_back, rollout, sampling_sigmas
@@ -118,7 +119,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         return cond.select(inverse.to(dev)), inverse
 
     @torch.no_grad()
-    def _sample(self, batch: dict, cond: Conditions, generator: torch.Generator, sde_steps=(),
+    def _sample(self, batch: dict, cond: Conditions, generator: torch.Generator | list[torch.Generator], sde_steps=(),
                 transformer=None) -> tuple[list[Trajectory], torch.Tensor, torch.Tensor]:  # fmt: skip
         """Trajectories (in micro-batches of ``rollout_batch_size``), sigmas and decoded images of ``batch``.
         Shared by the rollout (SDE window) and held-out evaluation (``sde_steps=()``: ODE only)."""
@@ -129,8 +130,9 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         trajs, mb = [], args.rollout_batch_size
         for i in range(0, x.shape[0], mb):
             sl = slice(i, i + mb)
+            gen = generator[sl] if isinstance(generator, list) else generator  # per-sample generators follow their sample
             trajs.append(rollout(policy, cond.select(sl), sigmas, x=x[sl], sde_steps=sde_steps, rule=args.sde_type,
-                                 noise_level=args.noise_level, generator=generator, true_cfg_scale=args.true_cfg_scale,
+                                 noise_level=args.noise_level, generator=gen, true_cfg_scale=args.true_cfg_scale,
                                  transformer=transformer))  # fmt: skip
         images = policy.decode(torch.cat([t.latents for t in trajs]), cond.grid)
         if args.paste_back:
@@ -145,8 +147,9 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         cond, _ = self._conditions(batch)
         n = cond.tokens.shape[0]
         steps = self.window.steps(self.rollout_index, generator=torch.Generator().manual_seed(args.seed + self.rollout_index))
-        # Sampling noise: deterministic per (seed, rollout, rank), so a resumed run draws the same noise.
-        g = torch.Generator().manual_seed(hash((args.seed, self.rollout_index, acc.process_index)) % (2**63))
+        # Sampling noise: one generator per sample, keyed by (seed, rollout, position in the global generation batch),
+        # so a resumed run draws the same noise and N processes x n samples draw exactly what 1 process x N*n draws.
+        g = [keyed_generator(args.seed, self.rollout_index, acc.process_index * n + j) for j in range(n)]
         # The same (wrapped, autocast-patched) module as compute_loss: one forward for rollout and training.
         model = self.model_wrapped if self.is_deepspeed_enabled else self.model
         was_training = model.training
