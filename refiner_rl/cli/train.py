@@ -58,9 +58,9 @@ def _device(config):
 
 
 def sft_main(argv: list[str]) -> int:
-    from refiner_rl.configs import DataArguments, ModelArguments, build_policy
     from transformers import set_seed
 
+    from refiner_rl.configs import DataArguments, ModelArguments, build_policy
     from refiner_rl.distributed import frozen_model_context
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
 
@@ -84,9 +84,9 @@ def sft_main(argv: list[str]) -> int:
 
 
 def grpo_main(argv: list[str]) -> int:
-    from refiner_rl.configs import DataArguments, ModelArguments, build_policy
     from transformers import set_seed
 
+    from refiner_rl.configs import DataArguments, ModelArguments, build_policy
     from refiner_rl.distributed import frozen_model_context
     from refiner_rl.scoring.registry import build_rewards
     from refiner_rl.trainers.grpo_config import FlowGRPOConfig

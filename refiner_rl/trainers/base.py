@@ -13,6 +13,7 @@ transformers' Trainer assumes a ``PreTrainedModel`` (SPEC §6). For a diffusers 
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -91,14 +92,35 @@ class PolicyTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.policy.has_lora:
             self.policy.load_lora(resume_from_checkpoint)
-            return
-        from diffusers import FluxTransformer2DModel
+        else:
+            from diffusers import FluxTransformer2DModel
 
-        folder = os.path.join(resume_from_checkpoint, FULL_WEIGHTS_DIR)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} has no {FULL_WEIGHTS_DIR}/ folder to resume from")
-        loaded = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=self.policy.dtype, use_safetensors=True)
-        self.accelerator.unwrap_model(self.model).load_state_dict(loaded.state_dict())
+            folder = os.path.join(resume_from_checkpoint, FULL_WEIGHTS_DIR)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} has no {FULL_WEIGHTS_DIR}/ folder to resume from")
+            loaded = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=self.policy.dtype, use_safetensors=True)
+            self.accelerator.unwrap_model(self.model).load_state_dict(loaded.state_dict())
+        self._load_extra_state(resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is not None and not self.is_deepspeed_enabled and not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+            if glob.glob(os.path.join(checkpoint, "global_step*")):
+                # transformers would silently start a fresh optimizer (measured: the weights then drift by ~1e-3
+                # from the uninterrupted run within one step).
+                raise ValueError(
+                    f"{checkpoint!r} was written under DeepSpeed (its optimizer state is in global_step*/): resume it with "
+                    "the same DeepSpeed launcher config, or start a new run from its weights (--init_lora_path CHECKPOINT for LoRA, "
+                    "--transformer_path CHECKPOINT/transformer for full fine-tuning)"
+                )
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            # Under DeepSpeed, Trainer restores weights and optimizer from DeepSpeed's own files (global_step*/)
+            # and never calls _load_from_checkpoint: the trainer's extra state is restored here instead.
+            self._load_extra_state(checkpoint)
+
+    def _load_extra_state(self, checkpoint: str) -> None:
+        """State a subclass keeps beyond weights, optimizer, scheduler and RNG (e.g. GRPO's EMA); called once on
+        resume with any launcher."""
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write ``checkpoint-N`` into ``.tmp-checkpoint-N/`` first, then rename it into place."""

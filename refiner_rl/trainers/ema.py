@@ -19,21 +19,23 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         params = dict(module.named_parameters())
-        for n in self.names:
-            self.shadow[n].mul_(self.decay).add_(params[n].detach().float(), alpha=1.0 - self.decay)
+        with _gathered([params[n] for n in self.names]):  # whole tensors under ZeRO-3 (every rank keeps the EMA)
+            for n in self.names:
+                self.shadow[n].mul_(self.decay).add_(params[n].detach().float(), alpha=1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self, module: nn.Module):
         """Temporarily swap the EMA weights into ``module``."""
         params = dict(module.named_parameters())
-        backup = {n: params[n].detach().clone() for n in self.names}
+        trained = [params[n] for n in self.names]
+        with torch.no_grad(), _gathered(trained, modify=True):
+            backup = {n: params[n].detach().clone() for n in self.names}
+            for n in self.names:
+                params[n].copy_(self.shadow[n].to(params[n].dtype))
         try:
-            with torch.no_grad():
-                for n in self.names:
-                    params[n].copy_(self.shadow[n].to(params[n].dtype))
             yield
         finally:
-            with torch.no_grad():
+            with torch.no_grad(), _gathered(trained, modify=True):
                 for n in self.names:
                     params[n].copy_(backup[n])
 
@@ -45,3 +47,14 @@ class EMA:
         if missing:
             raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
         self.shadow = {n: state[n].float().clone() for n in self.names}
+
+
+def _gathered(params: list[nn.Parameter], modify: bool = False):
+    """Whole tensors of ZeRO-3 partitioned ``params`` inside the context (a no-op otherwise). ``modify``: writes made
+    on rank 0 are partitioned back on exit (every rank writes the same values here, the EMA being replicated)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None)

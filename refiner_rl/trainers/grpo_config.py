@@ -62,6 +62,7 @@ class FlowGRPOConfig(GRPOConfig):
     true_cfg_scale: float = field(default=1.0, metadata={"help": "True classifier-free guidance scale (>1 runs a negative-prompt pass)."})
     negative_prompt: str = field(default="", metadata={"help": "Negative prompt for true CFG."})
     start_sigma: float = field(default=1.0, metadata={"help": "Start sampling from the draft noised to this sigma (1 = pure noise)."})
+    shared_initial_noise: bool = field(default=False, metadata={"help": "All samples of a group start from the same noise; they differ only by the SDE steps' noise."})
     paste_back: bool = field(default=False, metadata={"help": "Keep the draft outside the mask in sampled images."})
     adv_clip_max: float | None = field(default=5.0, metadata={"help": "Clip advantages to [-adv_clip_max, adv_clip_max]."})
     spatial_advantage_mix: float = field(default=0.0, metadata={"help": "0 = scalar advantages; 1 = per-patch advantages from reward maps."})

@@ -37,7 +37,7 @@ from refiner_rl.rollout import Trajectory, initial_latents, paste_back, rollout,
 from refiner_rl.scoring.aggregate import compute_advantages, spatial_advantages
 from refiner_rl.scoring.base import Reward, score_safely
 from refiner_rl.scoring.registry import check_required_fields, reward_labels
-from refiner_rl.trainers.base import FULL_WEIGHTS_DIR, PolicyTrainerMixin, setup_wandb_env
+from refiner_rl.trainers.base import FULL_WEIGHTS_DIR, PolicyTrainerMixin, save_transformer_state_dict, setup_wandb_env
 from refiner_rl.trainers.ema import EMA
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.losses import clipped_surrogate
@@ -120,13 +120,15 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     @torch.no_grad()
     def _sample(self, batch: dict, cond: Conditions, generator: torch.Generator | list[torch.Generator], sde_steps=(),
-                transformer=None) -> tuple[list[Trajectory], torch.Tensor, torch.Tensor]:  # fmt: skip
+                transformer=None, init_generator=None) -> tuple[list[Trajectory], torch.Tensor, torch.Tensor]:  # fmt: skip
         """Trajectories (in micro-batches of ``rollout_batch_size``), sigmas and decoded images of ``batch``.
-        Shared by the rollout (SDE window) and held-out evaluation (``sde_steps=()``: ODE only)."""
+        Shared by the rollout (SDE window) and held-out evaluation (``sde_steps=()``: ODE only). The initial noise
+        comes from ``init_generator`` when given (else ``generator``), the SDE steps' noise from ``generator``."""
         args, policy = self.args, self.policy
         sigmas = sampling_sigmas(args.num_inference_steps, cond.num_target_tokens, args.start_sigma)
         draft_latents = policy.encode_images(batch["draft"].to(policy.device)) if args.start_sigma < 1 else None
-        x = initial_latents(policy, cond, generator, float(sigmas[0]), draft_latents)
+        init = generator if init_generator is None else init_generator
+        x = initial_latents(policy, cond, init, float(sigmas[0]), draft_latents)
         trajs, mb = [], args.rollout_batch_size
         for i in range(0, x.shape[0], mb):
             sl = slice(i, i + mb)
@@ -150,12 +152,17 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         # Sampling noise: one generator per sample, keyed by (seed, rollout, position in the global generation batch),
         # so a resumed run draws the same noise and N processes x n samples draw exactly what 1 process x N*n draws.
         g = [keyed_generator(args.seed, self.rollout_index, acc.process_index * n + j) for j in range(n)]
+        # With shared_initial_noise, a group starts from one noise (keyed by its record): advantages then compare
+        # only what the trained steps' noise did, not the luck of each sample's starting point.
+        init_g = None
+        if args.shared_initial_noise:
+            init_g = [keyed_generator(args.seed, self.rollout_index, int(i), -1) for i in batch["index"].tolist()]
         # The same (wrapped, autocast-patched) module as compute_loss: one forward for rollout and training.
         model = self.model_wrapped if self.is_deepspeed_enabled else self.model
         was_training = model.training
         model.eval()
         try:
-            trajs, sigmas, images = self._sample(batch, cond, g, steps, transformer=model)
+            trajs, sigmas, images = self._sample(batch, cond, g, steps, transformer=model, init_generator=init_g)
         finally:
             model.train(was_training)
         t1 = _now(dev)
@@ -313,6 +320,12 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        if metrics and self.accelerator.num_processes > 1:
+            # kl, ratio and clip fractions are per-process means: average them over processes, as the loss is (every
+            # process logs, with the same keys; the reward statistics are already global and stay unchanged).
+            keys = sorted(metrics)
+            vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            metrics = dict(zip(keys, self.accelerator.reduce(vals, reduction="mean").tolist()))
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs = {**logs, **metrics}
@@ -397,15 +410,19 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         tmp = os.path.join(output_dir, EMA_FILE + ".tmp")
         torch.save(self.ema.state_dict(), tmp)
         os.replace(tmp, os.path.join(output_dir, EMA_FILE))
+        # Written from the shadow, not by swapping it into the module: only this rank saves, and under ZeRO-3 the
+        # module's weights are partitioned (swapping would need every rank).
         model = self.accelerator.unwrap_model(self.model)
-        with self.ema.applied(model):
-            if self.policy.has_lora:
-                self.policy.save_lora(os.path.join(output_dir, EMA_DIR))
-            else:
-                model.save_pretrained(os.path.join(output_dir, EMA_DIR, FULL_WEIGHTS_DIR), safe_serialization=True)
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        ema = {n: t.to(dtypes[n]) for n, t in self.ema.state_dict().items()}
+        if self.policy.has_lora:
+            self.policy.save_lora(os.path.join(output_dir, EMA_DIR), state_dict=ema)
+        else:
+            live = state_dict if state_dict else model.state_dict()  # gathered under ZeRO-3
+            save_transformer_state_dict(model, os.path.join(output_dir, EMA_DIR, FULL_WEIGHTS_DIR), {**live, **ema})
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def _load_extra_state(self, resume_from_checkpoint: str) -> None:
+        # Called on resume by the base class with every launcher (DeepSpeed never calls _load_from_checkpoint).
         path = os.path.join(resume_from_checkpoint, EMA_FILE)
         if self.ema is not None:
             if not os.path.isfile(path):

@@ -1,0 +1,344 @@
+"""Where a GRPO step's time goes, how much the trainer adds to the transformer calls, and what the SDE window
+and our learning settings buy.
+
+    python bench/grpo_step.py                                   # tiny shapes, CPU, all four parts
+    python bench/grpo_step.py --json                            # the same, one JSON object on stdout
+    python bench/grpo_step.py --layers 2 --single_layers 2 --heads 4 --head_dim 32 --size 32 --skip ttr
+
+One run prints four parts:
+
+1. breakdown: the step's wall time split into rollout / reward / advantages / train (loss forward +
+   backward) / other (optimizer step, Trainer loop, logging), and the peak RSS (and CUDA peak memory);
+2. overhead: GRPO step wall time / the bare transformer calls that step needs at the same shapes (the
+   rollout's no-grad forwards, the trained steps' forward + backward, the KL reference forwards). The two
+   are measured interleaved (a bare set before every GRPO step, inside the same training run), because a
+   shared machine drifts by +-20% within a minute. Target <= 1.10;
+3. window: step time with a 2-step SDE window vs training 9 of 10 steps (every step but the last), same
+   shapes otherwise. Target >= 3x;
+4. ttr (time to reward): on the tiny task, training wall time (held-out evaluation excluded) until the
+   held-out reward reaches a fixed level (default: 5% better than the shared starting policy), for our
+   settings vs peer-like ones (every step stochastic, all but the last trained, one advantage per image).
+   Target >= 3x.
+
+CPU timings on a shared machine are noisy: compare numbers from the same run, and repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from refiner_rl.data import TripletDataset, synthetic_records
+from refiner_rl.policies import KontextPolicy
+from refiner_rl.policies.kontext import DEFAULT_LORA_TARGETS
+from refiner_rl.scoring import build_rewards
+from refiner_rl.trainers.grpo_config import FlowGRPOConfig
+from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
+
+PARTS = ("breakdown", "overhead", "window", "ttr")
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Even RoPE axis sizes that sum to ``head_dim`` (index, row, col), like Flux's (16, 56, 56) for 128."""
+    a = max(2, head_dim // 4 // 2 * 2)
+    b = (head_dim - a) // 2 // 2 * 2
+    return a, b, head_dim - a - b
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_trainer(a, out_dir: str, **overrides) -> FlowGRPOTrainer:
+    """A trainer at the shapes of the command line; ``overrides`` replace config fields."""
+    torch.manual_seed(a.seed)
+    policy = KontextPolicy.tiny(num_layers=a.layers, num_single_layers=a.single_layers, num_attention_heads=a.heads,
+                                attention_head_dim=a.head_dim, joint_attention_dim=a.joint_dim,
+                                axes_dims_rope=rope_axes(a.head_dim))  # fmt: skip
+    if a.lora_rank > 0:
+        policy.add_lora(rank=a.lora_rank, target_modules=a.lora_targets.split(","))
+    policy.to(a.device)
+    batch = a.group * a.prompts
+    cfg = dict(output_dir=out_dir, max_steps=a.warmup + a.iters, per_device_train_batch_size=batch, num_generations=a.group,
+               num_inference_steps=a.sampling_steps, sde_window_size=a.trained_steps, sde_type=a.sde_type,
+               noise_level=0.7 if a.sde_type == "cps" else 0.9, beta=a.beta, learning_rate=1e-4, lr_scheduler_type="constant",
+               start_sigma=a.start_sigma, paste_back=a.start_sigma < 1, seed=a.seed, logging_steps=1,
+               rewards=[{"name": "masked_pixel"}], report_to="none", use_cpu=a.device == "cpu", disable_tqdm=True,
+               save_strategy="no", log_samples=False)  # fmt: skip
+    cfg.update(overrides)
+    args = FlowGRPOConfig(**cfg)
+    records = synthetic_records(max(4 * a.prompts, 16), seed=a.seed, size=a.size)
+    train = TripletDataset(records, None, multiple=policy.codec.downsample * 2)
+    return FlowGRPOTrainer(policy, args, build_rewards(args.rewards), train)
+
+
+def bare_calls(trainer: FlowGRPOTrainer):
+    """The transformer calls of one GRPO step at its shapes, with nothing around them: the rollout's no-grad
+    forwards (per micro-batch), and per trained step a forward + backward and, with ``beta > 0``, the
+    reference forward (the adapter disabled, or the frozen copy)."""
+    args, policy, model = trainer.args, trainer.policy, trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))
+    cond, _ = trainer._conditions(batch)
+    dev, dtype = policy.device, policy.dtype
+    cfg = args.true_cfg_scale > 1
+
+    def inputs(b: int) -> dict:
+        c = cond.select(slice(0, b))
+        x = torch.randn(b, c.num_target_tokens, c.tokens.shape[-1], device=dev)
+        hidden = torch.cat([x, c.tokens], 1).to(dtype)
+        seq, pooled = c.text.prompt_embeds, c.text.pooled
+        if cfg:
+            hidden, seq, pooled = torch.cat([hidden, hidden]), torch.cat([seq, c.negative.prompt_embeds]), torch.cat([pooled, c.negative.pooled])
+        return dict(hidden_states=hidden, encoder_hidden_states=seq.to(dtype), pooled_projections=pooled.to(dtype),
+                    timestep=torch.full((hidden.shape[0],), 0.5, device=dev, dtype=dtype),
+                    img_ids=torch.cat([c.target_ids, c.ids]).to(dtype),
+                    txt_ids=torch.zeros(seq.shape[1], 3, device=dev, dtype=dtype), return_dict=False)  # fmt: skip
+
+    n = cond.tokens.shape[0]
+    roll = [inputs(min(args.rollout_batch_size, n - i)) for i in range(0, n, args.rollout_batch_size)]
+    train = inputs(args.per_device_train_batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    k = args.sde_window_size
+
+    def run() -> None:
+        with torch.no_grad():
+            for inp in roll:
+                for _ in range(args.num_inference_steps):
+                    model(**inp)
+        for _ in range(k):
+            out = model(**train)[0]
+            out.float().pow(2).mean().backward()
+            if args.beta > 0:
+                with torch.no_grad():
+                    if trainer.ref_transformer is not None:
+                        trainer.ref_transformer(**train)
+                    else:
+                        with policy.adapter_disabled(model):
+                            model(**train)
+        for p in params:
+            p.grad = None
+        _sync(dev)
+
+    return run
+
+
+class StepClock(TrainerCallback):
+    """Wall time of every optimizer step (from the end of the previous bare set to the next step's start),
+    with an optional bare set timed just before each step: GRPO and bare calls alternate."""
+
+    def __init__(self, bare=None, device="cpu"):
+        self.bare, self.device = bare, device
+        self.steps: list[float] = []
+        self.bares: list[float] = []
+        self._end: float | None = None
+
+    def _close(self) -> None:
+        _sync(self.device)
+        if self._end is not None:
+            self.steps.append(time.perf_counter() - self._end)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._close()
+        if self.bare is not None:
+            t = time.perf_counter()
+            self.bare()
+            self.bares.append(time.perf_counter() - t)
+        self._end = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close()
+        self._end = None
+
+
+def timed_run(a, with_bare: bool, **overrides) -> dict:
+    """Train ``warmup + iters`` steps; per-step medians over the last ``iters`` steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(a, tmp, **overrides)
+        clock = StepClock(bare_calls(trainer) if with_bare else None, a.device)
+        trainer.add_callback(clock)
+        if a.device != "cpu" and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    w = a.warmup
+    t = trainer.timings
+    per_step = {k: statistics.median(t[k][w:]) for k in ("rollout", "reward", "advantages", "train")}
+    step = statistics.median(clock.steps[w:])
+    per_step["other"] = max(0.0, step - sum(per_step.values()))
+    out = {"step_s": step, "phases_s": per_step, "steps_s": clock.steps[w:]}
+    if with_bare:
+        out["bare_s"] = statistics.median(clock.bares[w:])
+        # ratio per interleaved pair, then the median: pairs share the machine's load of the moment
+        out["overhead"] = statistics.median(s / b for s, b in zip(clock.steps[w:], clock.bares[w:]))
+    return out
+
+
+def peak_memory(device) -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.device(device).type == "cuda":
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# ------------------------------------------------------------------------------------------ time to reward
+TTR_BEST = dict(sde_window_size=2, sde_window_start=0, spatial_advantage_mix=1.0)
+TTR_PEER = dict(spatial_advantage_mix=0.0)  # window: every step but the last (set from sampling steps)
+
+
+def ttr_settings(a) -> dict:
+    """The tiny learning task of tests/test_grpo_learning.py (the settings documented there)."""
+    return dict(num_inference_steps=a.ttr_sampling_steps, learning_rate=a.ttr_lr, beta=0.0, start_sigma=0.6, paste_back=True,
+                rewards=[{"name": "masked_pixel", "patch_size": 4}], lr_scheduler_type="constant", max_steps=a.ttr_max_steps)  # fmt: skip
+
+
+class EvalUntil(TrainerCallback):
+    """Held-out reward every ``every`` steps; stops at ``level``. Evaluation time is not counted."""
+
+    def __init__(self, trainer, dataset, every: int, level: float, budget_s: float):
+        self.trainer, self.dataset, self.every, self.level, self.budget = trainer, dataset, every, level, budget_s
+        self.train_s, self.curve, self.reached = 0.0, [], None
+        self._t = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._t is None:
+            self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_s += time.perf_counter() - self._t
+        if state.global_step % self.every == 0:
+            r = self.trainer.evaluate_rewards(self.dataset)["reward"]
+            self.curve.append((state.global_step, round(self.train_s, 2), r))
+            if r >= self.level and self.reached is None:
+                self.reached = self.train_s
+                control.should_training_stop = True
+        if self.train_s > self.budget:
+            control.should_training_stop = True
+        self._t = time.perf_counter()
+
+
+def time_to_reward(a) -> dict:
+    logging.getLogger("refiner_rl").setLevel(logging.ERROR)
+    held_out = TripletDataset(synthetic_records(16, seed=a.seed + 1, size=16), None, multiple=4)
+    runs = {}
+    start = None
+    tiny = argparse.Namespace(**{**vars(a), "layers": 1, "single_layers": 1, "heads": 2, "head_dim": 16, "joint_dim": 32,
+                                 "size": 16, "group": 4, "prompts": 4, "lora_rank": 0})  # fmt: skip
+    peer = dict(TTR_PEER, sde_window_size=a.ttr_sampling_steps - 1, sde_window_start=0)
+    for name, extra in (("ours", TTR_BEST), ("peer_like", peer)):
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = build_trainer(tiny, tmp, **{**ttr_settings(a), **extra})
+            if start is None:
+                start = trainer.evaluate_rewards(held_out)["reward"]
+            level = start + a.ttr_gain * abs(start)
+            cb = EvalUntil(trainer, held_out, a.ttr_eval_every, level, a.ttr_budget)
+            trainer.add_callback(cb)
+            trainer.train()
+            runs[name] = {"seconds_to_level": cb.reached, "train_s": round(cb.train_s, 1), "curve": cb.curve, "settings": extra}
+    o, p = runs["ours"]["seconds_to_level"], runs["peer_like"]["seconds_to_level"]
+    speedup = None
+    if o is not None:
+        speedup = (p / o) if p is not None else f">{runs['peer_like']['train_s'] / o:.1f} (peer-like never reached it)"
+    return {"start_reward": start, "level": start + a.ttr_gain * abs(start), "runs": runs, "speedup": speedup}
+
+
+# ------------------------------------------------------------------------------------------------- report
+def _fmt_table(res: dict) -> str:
+    lines = []
+    if "breakdown" in res:
+        b = res["breakdown"]
+        lines += ["step-time breakdown (median s per optimizer step)", "-" * 48]
+        for k, v in b["phases_s"].items():
+            lines.append(f"  {k:<12}{v:>10.4f}  {v / b['step_s']:>6.1%}")
+        lines.append(f"  {'step':<12}{b['step_s']:>10.4f}")
+        lines.append(f"  peak RSS {res['memory']['peak_rss_mb']:.0f} MB" + (
+            f", CUDA peak {res['memory']['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in res["memory"] else ""))
+    if "overhead" in res:
+        o = res["overhead"]
+        lines += ["", f"overhead: GRPO step {o['step_s']:.4f} s / bare transformer calls {o['bare_s']:.4f} s "
+                  f"= {o['overhead']:.3f} (median of interleaved pairs; target <= 1.10)"]  # fmt: skip
+    if "window" in res:
+        w = res["window"]
+        lines += ["", f"SDE window ({w['sampling_steps']} sampling steps): 2 trained {w['window_2_s']:.4f} s vs "
+                  f"{w['sampling_steps'] - 1} trained {w['all_but_last_s']:.4f} s per step -> {w['speedup']:.2f}x "
+                  f"(train phase only {w['train_speedup']:.2f}x; target >= 3x)"]  # fmt: skip
+    if "ttr" in res:
+        t = res["ttr"]
+        lines += ["", f"time to reward: held-out reward {t['start_reward']:.5f} -> level {t['level']:.5f}"]
+        for name, r in t["runs"].items():
+            s = r["seconds_to_level"]
+            lines.append(f"  {name:<10} {('%.1f s' % s) if s is not None else 'not reached':>12}  (trained {r['train_s']} s)")
+        sp = t["speedup"]
+        lines.append(f"  speed-up: {sp if isinstance(sp, str) or sp is None else f'{sp:.2f}x'} (target >= 3x)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("transformer")
+    g.add_argument("--layers", type=int, default=1, help="double-stream (MM-DiT) blocks")
+    g.add_argument("--single_layers", type=int, default=1, help="single-stream blocks")
+    g.add_argument("--heads", type=int, default=2)
+    g.add_argument("--head_dim", type=int, default=16)
+    g.add_argument("--joint_dim", type=int, default=32, help="text embedding width (T5 d_model of the tiny encoder)")
+    g.add_argument("--lora_rank", type=int, default=16, help="0 = full fine-tuning")
+    g.add_argument("--lora_targets", default=",".join(DEFAULT_LORA_TARGETS))
+    g = p.add_argument_group("step")
+    g.add_argument("--size", type=int, default=16, help="image side in pixels")
+    g.add_argument("--group", type=int, default=4, help="num_generations")
+    g.add_argument("--prompts", type=int, default=4, help="conditions per step")
+    g.add_argument("--sampling_steps", type=int, default=4)
+    g.add_argument("--trained_steps", type=int, default=2, help="SDE window size")
+    g.add_argument("--sde_type", default="flow_sde", choices=["flow_sde", "cps", "dance"])
+    g.add_argument("--beta", type=float, default=0.01)
+    g.add_argument("--start_sigma", type=float, default=1.0)
+    g.add_argument("--warmup", type=int, default=2)
+    g.add_argument("--iters", type=int, default=8, help="timed steps per measurement")
+    g = p.add_argument_group("time to reward")
+    g.add_argument("--ttr_sampling_steps", type=int, default=4)
+    g.add_argument("--ttr_lr", type=float, default=3e-3)
+    g.add_argument("--ttr_gain", type=float, default=0.05, help="level = start + gain * |start|")
+    g.add_argument("--ttr_eval_every", type=int, default=10)
+    g.add_argument("--ttr_budget", type=float, default=120.0, help="training seconds per setting")
+    g.add_argument("--ttr_max_steps", type=int, default=1000)
+    p.add_argument("--skip", nargs="*", default=[], choices=PARTS)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny shapes on a shared CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    a = p.parse_args(argv)
+
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    logging.disable(logging.WARNING)
+    res: dict = {"args": vars(a), "device": a.device}
+    if "breakdown" not in a.skip or "overhead" not in a.skip:
+        r = timed_run(a, with_bare="overhead" not in a.skip)
+        res["breakdown"] = {k: r[k] for k in ("step_s", "phases_s")}
+        res["memory"] = peak_memory(a.device)
+        if "overhead" not in a.skip:
+            res["overhead"] = {k: r[k] for k in ("step_s", "bare_s", "overhead")}
+    if "window" not in a.skip:
+        a10 = argparse.Namespace(**{**vars(a), "sampling_steps": 10})
+        short = timed_run(a10, False, sde_window_size=2)
+        long = timed_run(a10, False, sde_window_size=9)
+        res["window"] = {"sampling_steps": 10, "window_2_s": short["step_s"], "all_but_last_s": long["step_s"],
+                         "speedup": long["step_s"] / short["step_s"],
+                         "train_speedup": long["phases_s"]["train"] / short["phases_s"]["train"]}  # fmt: skip
+    if "ttr" not in a.skip:
+        res["ttr"] = time_to_reward(a)
+    print(json.dumps(res, indent=2, default=str) if a.json else _fmt_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
