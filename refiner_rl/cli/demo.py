@@ -42,10 +42,10 @@ def save_grid(path: str, rows: list[list[torch.Tensor]], scale: int = 4) -> None
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
-    head = f"{'':<26}{'MSE in mask':>13}{'MSE outside':>13}{'in / draft':>12}"
+    head = f"{'':<34}{'MSE in mask':>13}{'MSE outside':>13}{'in / draft':>12}"
     lines = [head, "-" * len(head)]
     for label, r in rows:
-        lines.append(f"{label:<26}{r['mse_output_in']:>13.5f}{r['mse_output_out']:>13.5f}{r['mse_in_ratio']:>12.3f}")
+        lines.append(f"{label:<34}{r['mse_output_in']:>13.5f}{r['mse_output_out']:>13.5f}{r['mse_in_ratio']:>12.3f}")
     return "\n".join(lines)
 
 
@@ -114,6 +114,10 @@ def main(argv: list[str]) -> int:
         g_train = g_data.build(multiple=multiple)
         g_trainer = FlowGRPOTrainer(g_policy, g_cfg, build_rewards(g_cfg.rewards), g_train, eval_dataset=held_out)
         reward_sft = g_trainer.evaluate_rewards(held_out)
+        g_policy.transformer.eval()
+        sft_same = evaluate_refinement(g_policy, held_out, num_steps=args.eval_steps, start_sigma=g_cfg.start_sigma,
+                                       paste=g_cfg.paste_back)  # fmt: skip
+        rows.append((f"SFT, GRPO's sampler (start {g_cfg.start_sigma:g})", sft_same))
         g_trainer.train()
         g_trainer.save_model(g_cfg.output_dir)
         g_trainer.save_state()
@@ -121,8 +125,8 @@ def main(argv: list[str]) -> int:
         g_policy.transformer.eval()
         after_grpo = evaluate_refinement(g_policy, held_out, num_steps=args.eval_steps, start_sigma=g_cfg.start_sigma,
                                          paste=g_cfg.paste_back)  # fmt: skip
-        rows.append(("after GRPO", after_grpo))
-        report.update(after_grpo=after_grpo, held_out_reward_sft=reward_sft, held_out_reward_grpo=reward_grpo)
+        rows.append((f"after GRPO (start {g_cfg.start_sigma:g})", after_grpo))
+        report.update(after_grpo=after_grpo, sft_with_grpo_sampler=sft_same, held_out_reward_sft=reward_sft, held_out_reward_grpo=reward_grpo)
         images["grpo"] = generate(g_policy, sample, num_steps=args.eval_steps, seed=0, start_sigma=g_cfg.start_sigma,
                                   paste=g_cfg.paste_back)  # fmt: skip
 
