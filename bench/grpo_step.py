@@ -37,6 +37,7 @@ import time
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from refiner_rl.data import TripletDataset, synthetic_records
 from refiner_rl.policies import KontextPolicy
@@ -78,9 +79,11 @@ def build_trainer(a, out_dir: str, **overrides) -> FlowGRPOTrainer:
                save_strategy="no", log_samples=False)  # fmt: skip
     cfg.update(overrides)
     args = FlowGRPOConfig(**cfg)
-    records = synthetic_records(max(4 * a.prompts, 16), seed=a.seed, size=a.size)
+    records = synthetic_records(max(a.records, a.prompts), seed=a.seed, size=a.size)
     train = TripletDataset(records, None, multiple=policy.codec.downsample * 2)
-    return FlowGRPOTrainer(policy, args, build_rewards(args.rewards), train)
+    trainer = FlowGRPOTrainer(policy, args, build_rewards(args.rewards), train)
+    trainer.remove_callback(PrinterCallback)  # keep stdout for the report
+    return trainer
 
 
 def bare_calls(trainer: FlowGRPOTrainer):
@@ -172,14 +175,51 @@ def timed_run(a, with_bare: bool, **overrides) -> dict:
         trainer.train()
     w = a.warmup
     t = trainer.timings
-    per_step = {k: statistics.median(t[k][w:]) for k in ("rollout", "reward", "advantages", "train")}
-    step = statistics.median(clock.steps[w:])
-    per_step["other"] = max(0.0, step - sum(per_step.values()))
-    out = {"step_s": step, "phases_s": per_step, "steps_s": clock.steps[w:]}
+    # Means, so that the phases add up to the step (one rollout and one micro-step per optimizer step here).
+    per_step = {k: statistics.fmean(t[k][w:]) for k in ("rollout", "reward", "advantages", "train")}
+    step = statistics.fmean(clock.steps[w:])
+    per_step["other"] = step - sum(per_step.values())
+    out = {"step_s": step, "step_median_s": statistics.median(clock.steps[w:]), "phases_s": per_step, "steps_s": clock.steps[w:]}
     if with_bare:
-        out["bare_s"] = statistics.median(clock.bares[w:])
+        out["bare_s"] = statistics.fmean(clock.bares[w:])
         # ratio per interleaved pair, then the median: pairs share the machine's load of the moment
         out["overhead"] = statistics.median(s / b for s, b in zip(clock.steps[w:], clock.bares[w:]))
+    return out
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def interleaved_steps(a, configs: dict[str, dict]) -> dict[str, dict]:
+    """Optimizer steps of several trainers taken in turn (one step each, round after round), so that the
+    machine's drift hits them alike. Steps are driven by hand (rollout + loss + backward + AdamW step), without
+    the Trainer loop around them. Per config: median step time and mean phase times over the timed rounds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {k: build_trainer(a, os.path.join(tmp, k), **ov) for k, ov in configs.items()}
+        loaders = {}
+        for k, t in trainers.items():
+            t.create_optimizer()
+            t.current_gradient_accumulation_steps = 1
+            t.model.train()
+            loaders[k] = _forever(t.get_train_dataloader())
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        for _ in range(a.warmup + a.iters):
+            for k, t in trainers.items():
+                batch = next(loaders[k])
+                _sync(a.device)
+                t0 = time.perf_counter()
+                t.training_step(t.model, batch)
+                t.optimizer.step()
+                t.optimizer.zero_grad(set_to_none=True)
+                _sync(a.device)
+                times[k].append(time.perf_counter() - t0)
+    w = a.warmup
+    out = {}
+    for k, t in trainers.items():
+        phases = {p: statistics.fmean(t.timings[p][w:]) for p in ("rollout", "reward", "advantages", "train")}
+        out[k] = {"step_s": statistics.median(times[k][w:]), "phases_s": phases}
     return out
 
 
@@ -191,8 +231,8 @@ def peak_memory(device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ time to reward
-TTR_BEST = dict(sde_window_size=2, sde_window_start=0, spatial_advantage_mix=1.0)
-TTR_PEER = dict(spatial_advantage_mix=0.0)  # window: every step but the last (set from sampling steps)
+TTR_BEST = dict(sde_window_size=2, sde_window_start=0, spatial_advantage_mix=1.0, shared_initial_noise=True)
+TTR_PEER = dict(spatial_advantage_mix=0.0, shared_initial_noise=False)  # window: every step but the last (set below)
 
 
 def ttr_settings(a) -> dict:
@@ -232,9 +272,13 @@ def time_to_reward(a) -> dict:
     runs = {}
     start = None
     tiny = argparse.Namespace(**{**vars(a), "layers": 1, "single_layers": 1, "heads": 2, "head_dim": 16, "joint_dim": 32,
-                                 "size": 16, "group": 4, "prompts": 4, "lora_rank": 0})  # fmt: skip
+                                 "size": 16, "group": 8, "prompts": 2, "lora_rank": 0, "seed": a.seed})  # fmt: skip
     peer = dict(TTR_PEER, sde_window_size=a.ttr_sampling_steps - 1, sde_window_start=0)
-    for name, extra in (("ours", TTR_BEST), ("peer_like", peer)):
+    settings = [("ours", TTR_BEST), ("peer_like", peer)]
+    if a.ttr_ablations:  # one of our changes at a time, on top of the peer-like settings
+        settings += [("peer+spatial", dict(peer, spatial_advantage_mix=1.0)), ("peer+shared_noise", dict(peer, shared_initial_noise=True)),
+                     ("peer+window_2", dict(peer, sde_window_size=2))]  # fmt: skip
+    for name, extra in settings:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = build_trainer(tiny, tmp, **{**ttr_settings(a), **extra})
             if start is None:
@@ -256,7 +300,7 @@ def _fmt_table(res: dict) -> str:
     lines = []
     if "breakdown" in res:
         b = res["breakdown"]
-        lines += ["step-time breakdown (median s per optimizer step)", "-" * 48]
+        lines += ["step-time breakdown (mean s per optimizer step)", "-" * 48]
         for k, v in b["phases_s"].items():
             lines.append(f"  {k:<12}{v:>10.4f}  {v / b['step_s']:>6.1%}")
         lines.append(f"  {'step':<12}{b['step_s']:>10.4f}")
@@ -264,13 +308,15 @@ def _fmt_table(res: dict) -> str:
             f", CUDA peak {res['memory']['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in res["memory"] else ""))
     if "overhead" in res:
         o = res["overhead"]
-        lines += ["", f"overhead: GRPO step {o['step_s']:.4f} s / bare transformer calls {o['bare_s']:.4f} s "
-                  f"= {o['overhead']:.3f} (median of interleaved pairs; target <= 1.10)"]  # fmt: skip
+        lines += ["", f"overhead: GRPO step {o['step_s']:.4f} s / bare transformer calls {o['bare_s']:.4f} s (means); "
+                  f"median ratio of interleaved pairs {o['overhead']:.3f} (target <= 1.10)"]  # fmt: skip
     if "window" in res:
         w = res["window"]
-        lines += ["", f"SDE window ({w['sampling_steps']} sampling steps): 2 trained {w['window_2_s']:.4f} s vs "
-                  f"{w['sampling_steps'] - 1} trained {w['all_but_last_s']:.4f} s per step -> {w['speedup']:.2f}x "
-                  f"(train phase only {w['train_speedup']:.2f}x; target >= 3x)"]  # fmt: skip
+        lines += ["", f"SDE window, {w['sampling_steps']} sampling steps (median s per step, interleaved; target >= 3x):",
+                  f"  9 trained (all but the last), independent noise  {w['all_but_last_s']:.4f}"]  # fmt: skip
+        for k, label in (("window_2_sliding", "2 trained, sliding in the noisier half, shared noise"),
+                         ("window_2_at_0", "2 trained, fixed at step 0, shared noise")):  # fmt: skip
+            lines.append(f"  {label:<49}{w[k + '_s']:.4f}  -> {w['speedup_' + k]:.2f}x (train phase {w['train_speedup_' + k]:.2f}x)")
     if "ttr" in res:
         t = res["ttr"]
         lines += ["", f"time to reward: held-out reward {t['start_reward']:.5f} -> level {t['level']:.5f}"]
@@ -301,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--sde_type", default="flow_sde", choices=["flow_sde", "cps", "dance"])
     g.add_argument("--beta", type=float, default=0.01)
     g.add_argument("--start_sigma", type=float, default=1.0)
+    g.add_argument("--records", type=int, default=64, help="synthetic training triplets")
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--iters", type=int, default=8, help="timed steps per measurement")
     g = p.add_argument_group("time to reward")
@@ -310,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ttr_eval_every", type=int, default=10)
     g.add_argument("--ttr_budget", type=float, default=120.0, help="training seconds per setting")
     g.add_argument("--ttr_max_steps", type=int, default=1000)
+    g.add_argument("--ttr_ablations", action="store_true", help="also peer-like + each of our changes alone")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny shapes on a shared CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -328,12 +376,20 @@ def main(argv: list[str] | None = None) -> int:
         if "overhead" not in a.skip:
             res["overhead"] = {k: r[k] for k in ("step_s", "bare_s", "overhead")}
     if "window" not in a.skip:
+        # 10 sampling steps. Ours: 2 trained steps sliding over the noisier half (MixGRPO), one initial noise per
+        # group (so the ODE steps before the window run once per group); also the same window fixed at step 0.
+        # Peer-like: every step but the last trained, independent initial noise.
         a10 = argparse.Namespace(**{**vars(a), "sampling_steps": 10})
-        short = timed_run(a10, False, sde_window_size=2)
-        long = timed_run(a10, False, sde_window_size=9)
-        res["window"] = {"sampling_steps": 10, "window_2_s": short["step_s"], "all_but_last_s": long["step_s"],
-                         "speedup": long["step_s"] / short["step_s"],
-                         "train_speedup": long["phases_s"]["train"] / short["phases_s"]["train"]}  # fmt: skip
+        runs = interleaved_steps(a10, {
+            "window_2_sliding": dict(sde_window_size=2, sde_window_mode="sliding", sde_window_max_start=4, shared_initial_noise=True),
+            "window_2_at_0": dict(sde_window_size=2, shared_initial_noise=True),
+            "all_but_last": dict(sde_window_size=9),
+        })  # fmt: skip
+        long = runs["all_but_last"]
+        res["window"] = {"sampling_steps": 10, **{f"{k}_s": r["step_s"] for k, r in runs.items()},
+                         **{f"speedup_{k}": long["step_s"] / r["step_s"] for k, r in runs.items() if k != "all_but_last"},
+                         **{f"train_speedup_{k}": long["phases_s"]["train"] / r["phases_s"]["train"] for k, r in runs.items() if k != "all_but_last"},
+                         "phases_s": {k: r["phases_s"] for k, r in runs.items()}}  # fmt: skip
     if "ttr" not in a.skip:
         res["ttr"] = time_to_reward(a)
     print(json.dumps(res, indent=2, default=str) if a.json else _fmt_table(res))

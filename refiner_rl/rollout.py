@@ -74,14 +74,17 @@ def rollout(
     generator: Generators = None,
     true_cfg_scale: float = 1.0,
     transformer=None,
+    sigma_max=None,
 ) -> Trajectory:
     """Integrate from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` with SDE steps at ``sde_steps``.
 
-    ``generator``: one for the batch, or one per sample (see :func:`randn`)."""
+    ``generator``: one for the batch, or one per sample (see :func:`randn`). ``sigma_max`` is the ``flow_sde``
+    cap at s = 1 (default ``sigmas[1]``); pass the full schedule's when ``sigmas`` is a tail of it."""
     sde = set(sde_steps)
     if sde and max(sde) >= len(sigmas) - 1:
         raise ValueError(f"sde_steps {sorted(sde)} out of range for {len(sigmas) - 1} steps")
-    sigma_max = sigmas[1] if len(sigmas) > 1 else None
+    if sigma_max is None:
+        sigma_max = sigmas[1] if len(sigmas) > 1 else None
     states, nexts, lps, lpts = [], [], [], []
     x = x.float()
     for i in range(len(sigmas) - 1):

@@ -74,8 +74,9 @@ def test_ratio_is_one_before_the_first_update(tmp_path, sde_type, lora, cfg):
 
 
 def test_ratio_is_one_with_a_rollout_batch_larger_than_the_training_micro_batch(tmp_path):
-    # Rollout runs the 4 samples in one forward, training recomputes them 2 by 2 (and with a sliding window).
-    trainer = _trainer(tmp_path, True, rollout_batch_size=4, sde_window_mode="sliding", sde_window_size=1, true_cfg_scale=2.0)
+    # Rollout runs the 4 samples in one forward, training recomputes them 2 by 2 (sliding window, independent noise).
+    trainer = _trainer(tmp_path, True, rollout_batch_size=4, sde_window_mode="sliding", sde_window_size=1, true_cfg_scale=2.0,
+                       shared_initial_noise=False)
     _check_micro_batches(trainer)
 
 
@@ -90,3 +91,17 @@ def test_a_perturbed_adapter_has_a_positive_kl_and_a_fresh_one_has_none(tmp_path
     inputs = fresh._prepare_inputs(batch)
     fresh.compute_loss(fresh.model, inputs)
     assert fresh._metrics["train"]["kl"][-1] == 0.0  # B = 0: the adapter equals its reference (SPEC §6)
+
+
+def test_shared_initial_noise_branches_each_group_at_the_window(tmp_path):
+    # One initial noise per record: the ODE steps before the window (here step 0) run once per record, and the
+    # group's samples first differ at the window's sampled next state.
+    trainer = _trainer(tmp_path, True, shared_initial_noise=True, sde_window_start=1, sde_window_size=2)
+    _check_micro_batches(trainer)
+    for group in trainer._buffered_inputs:  # one group of 2 per micro-batch
+        assert group["sde_steps"] == [1, 2]
+        s, nxt = group["states"], group["next_states"]
+        assert torch.equal(s[0, 0], s[1, 0])
+        assert (nxt[0, 0] - nxt[1, 0]).abs().max() > 1e-3
+    a, b = trainer._buffered_inputs
+    assert (a["states"][0, 0] - b["states"][0, 0]).abs().max() > 1e-3  # other record, other noise

@@ -27,7 +27,13 @@ class FlowGRPOConfig(GRPOConfig):
             for full fine-tuning). KL is the exact Gaussian KL of the two step distributions, which share
             their std: ``mean((mu - mu_ref)^2) / (2 std^2)`` (Flow-GRPO divides by ``2 g^2`` instead).
         epsilon, epsilon_high: clip range of the importance ratio. Log-probs are means over latent dims, so
-            ratios move little: 1e-3 here, 1e-4 in Flow-GRPO.
+            ratios move little: 1e-3 here, 1e-4 in Flow-GRPO. The clip only acts on updates after the first of
+            a rollout (``num_iterations`` > 1, or ``steps_per_generation`` > ``gradient_accumulation_steps``):
+            before it the ratio is 1 (tested). Measured on the tiny task, second update of each rollout: LoRA
+            rank 16 at lr 1e-3 moves ratios by ~3e-6 (nothing clipped); full fine-tuning at lr 3e-3 moves them
+            by ~2e-3 and 1e-3 clips 69% of the samples (49% of the tokens with per-token ratios, 8% at 1e-2).
+            1e-3 is kept: at LoRA learning rates it never binds, and where it binds the step is large enough
+            that a trust region is what is wanted; raise it (1e-2) for full fine-tuning with rollout reuse.
         scale_rewards (group | batch | none), multi_objective_aggregation (sum_then_normalize |
             normalize_then_sum), reward_weights: as in TRL. adv_clip_max clips advantages.
         loss_type: accepted for compatibility; every image has the same number of latent dims, so grpo,
@@ -36,18 +42,27 @@ class FlowGRPOConfig(GRPOConfig):
         num_inference_steps, sde_type (flow_sde | cps | dance | ode), noise_level, sde_window_* (which steps
             are stochastic and trained; the rest are ODE under no_grad), true_cfg_scale, start_sigma (start from
             the draft noised to this sigma instead of pure noise), paste_back (keep the draft outside the mask).
+        shared_initial_noise: the samples of a group start from one noise (keyed by the record) and differ only
+            by the noise of the trained SDE steps, so the group baseline compares like with like (a per-start
+            baseline; the gradient estimate stays unbiased). The ODE steps before the window then run once per
+            group. Measured on the tiny task (held-out masked_pixel after 100 steps): +9.4% with it, +6.4%
+            without. Keep the window in the noisy half, or the group's samples barely differ.
     Rewards:
         rewards: the recipe's list ``[{name: masked_pixel, weight: 1.0, ...}, ...]`` (see rewards/README.md).
     Spatial credit:
         spatial_advantage_mix: 0 = one advantage per image; 1 = each token takes the group-normalised reward
-            of the patch covering it (from rewards that give per-patch maps); in between mixes the two.
+            of the patch covering it (from rewards that give per-patch maps; a token whose patch has no score
+            takes the image's advantage); in between mixes the two. Per-token credit makes each token its own
+            bandit: on the tiny task masked_pixel with 4 px patches (one token) learns with mix 1 (+9% held-out
+            in 100 steps) and not with mix 0 (-7.5%).
     EMA:
         ema_decay: EMA of the trained weights (0 = off); held-out evaluation and the saved ``ema/`` use it.
 
     Defaults that differ from TRL's language-model defaults, on purpose: ``learning_rate`` 1e-4 (LoRA on a
     diffusion transformer; TRL's 1e-6 suits full LM fine-tuning), ``gradient_checkpointing`` False (diffusers'
     own checkpointing is enabled when True), ``beta`` 0.01, ``epsilon`` 1e-3, ``num_generations`` 8,
-    ``logging_steps`` 1, ``remove_unused_columns`` False, ``report_to`` wandb (offline without an API key).
+    ``logging_steps`` 1, ``remove_unused_columns`` False, ``report_to`` wandb (offline without an API key),
+    ``bf16`` on with CUDA only (TRL turns it on everywhere; on a CPU autocast only slows rollouts down).
     """
 
     rewards: list | str | None = field(default=None, metadata={"help": "Reward recipe: list of {name, weight, **options}."})
@@ -62,7 +77,7 @@ class FlowGRPOConfig(GRPOConfig):
     true_cfg_scale: float = field(default=1.0, metadata={"help": "True classifier-free guidance scale (>1 runs a negative-prompt pass)."})
     negative_prompt: str = field(default="", metadata={"help": "Negative prompt for true CFG."})
     start_sigma: float = field(default=1.0, metadata={"help": "Start sampling from the draft noised to this sigma (1 = pure noise)."})
-    shared_initial_noise: bool = field(default=False, metadata={"help": "All samples of a group start from the same noise; they differ only by the SDE steps' noise."})
+    shared_initial_noise: bool = field(default=True, metadata={"help": "All samples of a group start from the same noise; they differ only by the SDE steps' noise."})
     paste_back: bool = field(default=False, metadata={"help": "Keep the draft outside the mask in sampled images."})
     adv_clip_max: float | None = field(default=5.0, metadata={"help": "Clip advantages to [-adv_clip_max, adv_clip_max]."})
     spatial_advantage_mix: float = field(default=0.0, metadata={"help": "0 = scalar advantages; 1 = per-patch advantages from reward maps."})

@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torch.nn import functional as F
@@ -105,9 +106,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     # --------------------------------------------------------------------------------------------- rollout
     def _conditions(self, batch: dict) -> tuple[Conditions, torch.Tensor]:
         """Encode each distinct record of the batch once; return per-sample conditions."""
-        idx = batch["index"]
-        uniq, inverse = torch.unique(idx, return_inverse=True)
-        first = torch.stack([(idx == u).nonzero()[0, 0] for u in uniq])
+        _, first, inverse = _groups(batch["index"])
         dev, p = self.policy.device, self.policy
         text = None
         if "prompt_embeds" in batch:
@@ -129,13 +128,23 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         draft_latents = policy.encode_images(batch["draft"].to(policy.device)) if args.start_sigma < 1 else None
         init = generator if init_generator is None else init_generator
         x = initial_latents(policy, cond, init, float(sigmas[0]), draft_latents)
+        # With one initial noise per group, the ODE steps before the window are the same for the whole group:
+        # integrate them once per record, then branch (the SDE window is where the group's samples diverge).
+        w = min(sde_steps) if len(sde_steps) and init_generator is not None and args.shared_initial_noise else 0
+        if w > 0:
+            _, first, inverse = _groups(batch["index"])
+            first = first.to(x.device)
+            prefix = rollout(policy, cond.select(first), sigmas[: w + 1], x=x[first], true_cfg_scale=args.true_cfg_scale,
+                             transformer=transformer)  # fmt: skip
+            x = prefix.latents[inverse.to(x.device)]
         trajs, mb = [], args.rollout_batch_size
         for i in range(0, x.shape[0], mb):
             sl = slice(i, i + mb)
             gen = generator[sl] if isinstance(generator, list) else generator  # per-sample generators follow their sample
-            trajs.append(rollout(policy, cond.select(sl), sigmas, x=x[sl], sde_steps=sde_steps, rule=args.sde_type,
-                                 noise_level=args.noise_level, generator=gen, true_cfg_scale=args.true_cfg_scale,
-                                 transformer=transformer))  # fmt: skip
+            t = rollout(policy, cond.select(sl), sigmas[w:], x=x[sl], sde_steps=[k - w for k in sde_steps], rule=args.sde_type,
+                        noise_level=args.noise_level, generator=gen, true_cfg_scale=args.true_cfg_scale, transformer=transformer,
+                        sigma_max=sigmas[1] if len(sigmas) > 1 else None)  # fmt: skip
+            trajs.append(replace(t, sde_steps=[k + w for k in t.sde_steps], sigmas=sigmas))
         images = policy.decode(torch.cat([t.latents for t in trajs]), cond.grid)
         if args.paste_back:
             images = paste_back(images, batch["draft"], batch["mask"])
@@ -475,6 +484,13 @@ def _now(device) -> float:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _groups(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(unique record indices, first sample of each, group of each sample)`` of a batch's ``index`` column."""
+    uniq, inverse = torch.unique(index, return_inverse=True)
+    first = torch.stack([(index == u).nonzero()[0, 0] for u in uniq])
+    return uniq, first, inverse
 
 
 def _slice_rollout(full: dict, sl: slice) -> dict:
