@@ -21,7 +21,6 @@ ZeRO-3 helpers: :func:`frozen_model_context` builds frozen networks whole (text 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -114,26 +113,16 @@ def is_zero3(trainer=None) -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-@contextlib.contextmanager
 def frozen_model_context():
     """Build frozen networks (VAE/codec, text encoders, reward models, a reference copy) whole under ZeRO-3.
 
-    transformers builds every ``from_pretrained``/``from_config`` model inside ``deepspeed.zero.Init`` as soon as
-    a ZeRO-3 config is registered (which ``TrainingArguments`` does under ``accelerate launch``): a frozen network
-    built there is partitioned across ranks and unusable outside the engine. This context unregisters that config
-    while it is open and restores it after. A no-op without ZeRO-3.
+    The same context the reward plug-ins use (:func:`refiner_rl.scoring.base.outside_zero3_init`): it turns off
+    accelerate's and transformers' ``deepspeed.zero.Init`` while open, so nothing built there is partitioned.
+    A no-op without ZeRO-3.
     """
-    from transformers.integrations import deepspeed as hf_ds
+    from refiner_rl.scoring.base import outside_zero3_init
 
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    if ref is None or ref() is None or not ref().is_zero3():
-        yield
-        return
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = ref
+    return outside_zero3_init()
 
 
 def model_hidden_size(model: nn.Module) -> int:
