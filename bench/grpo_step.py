@@ -308,8 +308,8 @@ def _fmt_table(res: dict) -> str:
             f", CUDA peak {res['memory']['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in res["memory"] else ""))
     if "overhead" in res:
         o = res["overhead"]
-        lines += ["", f"overhead: GRPO step {o['step_s']:.4f} s / bare transformer calls {o['bare_s']:.4f} s (means); "
-                  f"median ratio of interleaved pairs {o['overhead']:.3f} (target <= 1.10)"]  # fmt: skip
+        lines += ["", (f"overhead: GRPO step {o['step_s']:.4f} s / bare transformer calls {o['bare_s']:.4f} s (means); "
+                       f"median ratio of interleaved pairs {o['overhead']:.3f} (target <= 1.10)")]  # fmt: skip
     if "window" in res:
         w = res["window"]
         lines += ["", f"SDE window, {w['sampling_steps']} sampling steps (median s per step, interleaved; target >= 3x):",
@@ -322,7 +322,8 @@ def _fmt_table(res: dict) -> str:
         lines += ["", f"time to reward: held-out reward {t['start_reward']:.5f} -> level {t['level']:.5f}"]
         for name, r in t["runs"].items():
             s = r["seconds_to_level"]
-            lines.append(f"  {name:<10} {('%.1f s' % s) if s is not None else 'not reached':>12}  (trained {r['train_s']} s)")
+            reached = f"{s:.1f} s" if s is not None else "not reached"
+            lines.append(f"  {name:<18} {reached:>12}  (trained {r['train_s']} s)")
         sp = t["speedup"]
         lines.append(f"  speed-up: {sp if isinstance(sp, str) or sp is None else f'{sp:.2f}x'} (target >= 3x)")
     return "\n".join(lines)

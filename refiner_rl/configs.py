@@ -37,7 +37,7 @@ class ModelArguments:
     model_name_or_path: str = field(default="tiny", metadata={"help": "`tiny`, a diffusers repo id, or a local folder laid out like FLUX.1-Kontext-dev."})
     tiny_model: dict | str | None = field(default=None, metadata={"help": "Overrides of the tiny editor's shape (see refiner_rl.policies.tiny.TinySpec), e.g. {num_layers: 2}."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
-    transformer_path: str | None = field(default=None, metadata={"help": "Folder of a fully fine-tuned transformer (save_pretrained format) to use instead of the base one."})
+    transformer_path: str | None = field(default=None, metadata={"help": "Folder of a fully fine-tuned transformer (save_pretrained format, e.g. a full-FT SFT run's `transformer/`) to use instead of the base one; works with `tiny` too."})
     torch_dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the model repo (text encoders/tokenizers). Off by default."})
     reference_id: int = field(default=2, metadata={"help": "RoPE id channel-0 value of the reference tokens (target 0, draft 1)."})
@@ -107,6 +107,8 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
     dtype = model_args.resolve_dtype(device)
     if model_args.model_name_or_path == "tiny":
         policy = KontextPolicy.tiny(dtype=dtype, reference_id=model_args.reference_id, **model_args.tiny_model)
+        if model_args.transformer_path:
+            policy.load_transformer(model_args.transformer_path)
         if dtype != torch.float32:
             policy.transformer.to(dtype)
     else:

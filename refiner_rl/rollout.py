@@ -7,8 +7,8 @@ gradient. The other steps are ODE Euler steps. Rollout runs entirely under ``no_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

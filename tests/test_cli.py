@@ -23,21 +23,10 @@ def test_help_lists_commands(tmp_path):
     assert r.returncode == 2 and "unknown command 'trian'" in r.stderr
 
 
-def test_sft_cli_writes_state_and_a_lora_the_pipeline_loads(tmp_path):
-    out = tmp_path / "D"
-    r = run_cli(["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", str(out),
-                 "--max_steps", "4", "--logging_steps", "2", "--synthetic_records", "32", "--per_device_train_batch_size", "4"],
-                tmp_path)  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    state = json.load(open(out / "trainer_state.json"))
-    assert any("loss" in h for h in state["log_history"])
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
-    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B logs offline without an API key"
-
-    # the LoRA loads into a FluxKontextPipeline built from the tiny components, and reproduces the policy
+def _tiny_pipeline(transformer=None):
+    """A FluxKontextPipeline over the tiny components (a small AutoencoderKL stands in for the pixel codec)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 
-    from refiner_rl.configs import ModelArguments, build_policy
     from refiner_rl.policies.tiny import tiny_components
 
     c = tiny_components()
@@ -45,24 +34,81 @@ def test_sft_cli_writes_state_and_a_lora_the_pipeline_loads(tmp_path):
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=12, norm_num_groups=1,
                         layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0, scaling_factor=1.0)  # fmt: skip
-    pipe = FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=c["text_encoder"],
+    return FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=c["text_encoder"],
                                tokenizer=c["tokenizer"], text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"],
-                               transformer=c["transformer"])  # fmt: skip
-    pipe.load_lora_weights(str(out))
-    import yaml
+                               transformer=transformer or c["transformer"])  # fmt: skip
 
-    recipe = yaml.safe_load(open(os.path.join(ROOT, "recipes/tiny/sft.yaml")))
-    policy = build_policy(ModelArguments(lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"],
-                                         lora_target_modules=recipe["lora_target_modules"], init_lora_path=str(out)))  # fmt: skip
+
+def _same_velocity(policy, transformer, atol=1e-5):
+    torch.manual_seed(0)
     cond = policy.encode_conditions(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), prompts=["x"])
     x, s = torch.randn(1, 64, 48), torch.tensor([0.6])
-    assert torch.allclose(policy.velocity(x, s, cond, transformer=pipe.transformer), policy.velocity(x, s, cond), atol=1e-5)
+    return torch.allclose(policy.velocity(x, s, cond, transformer=transformer), policy.velocity(x, s, cond), atol=atol)
+
+
+SMALL = ["--max_steps", "4", "--logging_steps", "2", "--synthetic_records", "32", "--per_device_train_batch_size", "4"]
+LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "8"]
+
+
+def test_sft_cli_writes_state_and_a_transformer_the_pipeline_loads(tmp_path):
+    """The tiny recipe fine-tunes the whole transformer and saves it in diffusers' format."""
+    from diffusers import FluxTransformer2DModel
+
+    from refiner_rl.configs import ModelArguments, build_policy
+
+    out = tmp_path / "D"
+    r = run_cli(["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", str(out), *SMALL], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    state = json.load(open(out / "trainer_state.json"))
+    assert any("loss" in h for h in state["log_history"])
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B logs offline without an API key"
+    pipe = _tiny_pipeline(FluxTransformer2DModel.from_pretrained(str(out / "transformer"), use_safetensors=True))
+    policy = build_policy(ModelArguments(use_lora=False, transformer_path=str(out / "transformer")))
+    assert _same_velocity(policy, pipe.transformer)
+    fresh = build_policy(ModelArguments(use_lora=False))
+    assert not _same_velocity(fresh, pipe.transformer), "the saved weights are the trained ones, not the random init"
+
+
+def test_sft_cli_lora_loads_into_the_pipeline(tmp_path):
+    from refiner_rl.configs import ModelArguments, build_policy
+
+    out = tmp_path / "D"
+    r = run_cli(["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", str(out), *SMALL, *LORA,
+                 "--report_to", "none"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    pipe = _tiny_pipeline()
+    pipe.load_lora_weights(str(out))
+    policy = build_policy(ModelArguments(lora_r=8, lora_alpha=8, init_lora_path=str(out)))
+    assert _same_velocity(policy, pipe.transformer)
     # the pipeline itself runs with the adapter (2 steps, tiny)
     from PIL import Image
 
     img = pipe(image=Image.new("RGB", (32, 32)), prompt="restore", num_inference_steps=2, height=32, width=32,
                guidance_scale=1.0, max_sequence_length=32, output_type="pt", max_area=32 * 32, _auto_resize=False).images  # fmt: skip
     assert img.shape[-2:] == (32, 32)
+
+
+def test_grpo_cli_runs_the_tiny_recipe_from_the_sft_output(tmp_path):
+    """The README's two tiny stages, as a user types them (shortened): GRPO reads the SFT transformer."""
+    r = run_cli(["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", "outputs/tiny-sft", *SMALL,
+                 "--report_to", "none"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "G"
+    r = run_cli(["grpo", "--config", os.path.join(ROOT, "recipes/tiny/grpo.yaml"), "--output_dir", str(out),
+                 "--max_steps", "2", "--logging_steps", "1", "--synthetic_records", "8", "--per_device_train_batch_size", "8",
+                 "--num_generations", "4", "--beta", "0.01", "--report_to", "none"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    logs = [h for h in json.load(open(out / "trainer_state.json"))["log_history"] if "reward" in h]
+    assert len(logs) == 2
+    for name in ("reward", "reward_std", "rewards/masked_pixel/mean", "rewards/masked_pixel/std", "frac_reward_zero_std",
+                 "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio"):  # fmt: skip
+        assert name in logs[0], name
+    assert logs[0]["kl"] == 0.0 < logs[1]["kl"], "step 1 starts at the SFT policy (the reference), step 2 has moved"
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    r = run_cli(["grpo", "--config", os.path.join(ROOT, "recipes/tiny/grpo.yaml"), "--output_dir", str(out),
+                 "--transformer_path", str(tmp_path / "missing")], tmp_path)  # fmt: skip
+    assert r.returncode != 0 and "missing" in r.stderr + r.stdout
 
 
 def test_bad_recipe_key_and_bad_data_fail_clearly(tmp_path):

@@ -132,8 +132,13 @@ def assert_same_logs(a, b, rel=(), absolute=None):
 
 
 # ------------------------------------------------------------------------------------------------- runs
+# The tiny SFT recipe fine-tunes the whole transformer; these runs train a LoRA of the GRPO recipe's shape, which
+# the GRPO runs then start from (over the random tiny editor).
+_LORA = {k: yaml.safe_load(_read(GRPO_RECIPE))[k] for k in ("lora_r", "lora_alpha", "lora_target_modules")}
 SFT_ARGS = ("--max_steps", "3", "--synthetic_records", "32", "--logging_steps", "1", "--warmup_steps", "0",
-            "--learning_rate", "1e-3", "--dataloader_num_workers", "0")  # fmt: skip
+            "--learning_rate", "1e-3", "--dataloader_num_workers", "0", "--use_lora", "true",
+            "--lora_r", str(_LORA["lora_r"]), "--lora_alpha", str(_LORA["lora_alpha"]),
+            "--lora_target_modules", *_LORA["lora_target_modules"])  # fmt: skip
 
 
 def _grpo_args(init_lora: str) -> tuple[str, ...]:
@@ -146,7 +151,7 @@ def _grpo_args(init_lora: str) -> tuple[str, ...]:
             "--max_steps", "2", "--logging_steps", "1", "--synthetic_records", "16", "--num_inference_steps", "4",
             "--sde_window_size", "2", "--sde_window_mode", "fixed", "--sde_window_start", "0", "--beta", "0.01",
             "--learning_rate", "1e-3", "--ema_decay", "0.5", "--save_strategy", "no", "--eval_strategy", "no",
-            "--log_samples", "false", "--init_lora_path", init_lora,
+            "--log_samples", "false", "--init_lora_path", init_lora, "--transformer_path", "",
             # Adam's default eps (1e-8) turns float round-off on coordinates whose gradient is ~1e-8 into weight
             # differences of ~1e-5 (measured 1.5e-5 for ZeRO-3 with the per-token advantages of the tiny recipe;
             # ZeRO-3 reruns are bit-identical). With eps 1e-6 the same comparison gives 2.5e-7.
@@ -221,9 +226,7 @@ def test_a_deepspeed_checkpoint_resumed_without_deepspeed_fails_clearly(runs, tm
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
     from tests.helpers import synthetic_dataset
 
-    recipe = yaml.safe_load(_read(SFT_RECIPE))
-    policy = build_policy(ModelArguments(lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"],
-                                         lora_target_modules=recipe["lora_target_modules"]))  # fmt: skip
+    policy = build_policy(ModelArguments(**_LORA))
     args = FlowSFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to="none",
                          use_cpu=True, save_strategy="no", disable_tqdm=True)  # fmt: skip
     trainer = FlowSFTTrainer(policy, args, synthetic_dataset(32))
@@ -237,8 +240,7 @@ def test_zero3_lora_loads_into_the_pipeline_like_one_process(runs):
     from refiner_rl.configs import ModelArguments, build_policy
     from refiner_rl.policies.tiny import tiny_components
 
-    recipe = yaml.safe_load(_read(SFT_RECIPE))
-    lora = {k: recipe[k] for k in ("lora_r", "lora_alpha", "lora_target_modules")}
+    lora = _LORA
     one, z3 = runs("sft", "1p"), runs("sft", "zero3")
     c = tiny_components()
     vae = AutoencoderKL(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,

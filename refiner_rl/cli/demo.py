@@ -2,9 +2,9 @@
 
 1. make synthetic triplets with fine detail (train + held-out);
 2. check the codec reconstructs them (PSNR);
-3. SFT the tiny editor (``recipes/tiny/sft.yaml``), write its LoRA checkpoint, log to W&B (offline
-   without an API key);
-4. GRPO from the SFT LoRA (``recipes/tiny/grpo.yaml``) unless ``--skip-grpo``;
+3. SFT the tiny editor (``recipes/tiny/sft.yaml``), write its checkpoint, log to W&B (offline without an
+   API key);
+4. GRPO with a LoRA on the SFT transformer (``recipes/tiny/grpo.yaml``) unless ``--skip-grpo``;
 5. write a PNG grid draft | reference | output | target and print a before/after table on held-out triplets.
 """
 
@@ -98,6 +98,7 @@ def main(argv: list[str]) -> int:
     rows = [("random init", before), ("draft (input)", _draft_row(before)), ("after SFT", after_sft),
             ("after SFT + paste-back", after_sft_paste)]  # fmt: skip
     images = {"sft": generate(policy, sample, num_steps=args.eval_steps, seed=0)}
+    _finish_wandb_run()  # each stage gets its own W&B run
 
     # 4. GRPO from the SFT LoRA
     if not args.skip_grpo:
@@ -106,7 +107,7 @@ def main(argv: list[str]) -> int:
         from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 
         grpo_argv = ["--config", recipe_path("tiny/grpo.yaml"), "--output_dir", os.path.join(out, "grpo"),
-                     "--init_lora_path", sft_cfg.output_dir]  # fmt: skip
+                     *_sft_weights_args(model_args, sft_cfg.output_dir)]  # fmt: skip
         if args.grpo_steps is not None:
             grpo_argv += ["--max_steps", str(args.grpo_steps)]
         g_model, g_data, g_cfg = parse_recipe((ModelArguments, DataArguments, FlowGRPOConfig), grpo_argv)
@@ -130,6 +131,8 @@ def main(argv: list[str]) -> int:
         images["grpo"] = generate(g_policy, sample, num_steps=args.eval_steps, seed=0, start_sigma=g_cfg.start_sigma,
                                   paste=g_cfg.paste_back)  # fmt: skip
 
+        _finish_wandb_run()
+
     # 5. grid + report
     grid_rows = [[sample["draft"][i], sample["reference"][i], *[images[k][i] for k in images], sample["target"][i]]
                  for i in range(sample["draft"].shape[0])]  # fmt: skip
@@ -147,6 +150,22 @@ def main(argv: list[str]) -> int:
     print(f"[demo] checkpoints: {sft_cfg.output_dir}" + ("" if args.skip_grpo else f", {os.path.join(out, 'grpo')}"))
     print(f"[demo] report: {os.path.join(out, 'report.json')}; total {report['seconds']:.0f} s")
     return 0
+
+
+def _sft_weights_args(model_args, sft_dir: str) -> list[str]:
+    """GRPO flags that start from the SFT stage's output: its transformer (full fine-tuning) or its LoRA."""
+    from refiner_rl.trainers.base import FULL_WEIGHTS_DIR
+
+    if model_args.use_lora:
+        return ["--init_lora_path", sft_dir, "--transformer_path", ""]
+    return ["--transformer_path", os.path.join(sft_dir, FULL_WEIGHTS_DIR)]
+
+
+def _finish_wandb_run() -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
 
 
 def _draft_row(r: dict) -> dict:

@@ -140,6 +140,25 @@ class KontextPolicy:
             max_sequence_length=c["max_sequence_length"], reference_id=reference_id, dtype=dtype,
         )  # fmt: skip
 
+    def load_transformer(self, path: str) -> None:
+        """Replace the transformer's weights with a full fine-tune saved by ``save_pretrained`` (safetensors only).
+
+        The architecture must match: a checkpoint of another shape fails with both configs named."""
+        from diffusers import FluxTransformer2DModel
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"transformer_path {path!r} is not a folder (expected a save_pretrained output with config.json)")
+        loaded = FluxTransformer2DModel.from_pretrained(path, torch_dtype=self.dtype, use_safetensors=True)
+        def plain(cfg):  # JSON round trip: tuples become lists
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items()}
+
+        mine, theirs = plain(self.transformer.config), plain(loaded.config)
+        diff = {k: (mine.get(k), theirs.get(k)) for k in set(mine) | set(theirs)
+                if not k.startswith("_") and mine.get(k) != theirs.get(k)}  # fmt: skip
+        if diff:
+            raise ValueError(f"transformer_path {path!r} holds a transformer of another shape: (ours, theirs) = {diff}")
+        self.transformer.load_state_dict(loaded.state_dict())
+
     @classmethod
     def from_pretrained(
         cls,

@@ -59,7 +59,7 @@ class FlowGRPOConfig(GRPOConfig):
         ema_decay: EMA of the trained weights (0 = off); held-out evaluation and the saved ``ema/`` use it.
 
     Defaults that differ from TRL's language-model defaults, on purpose: ``learning_rate`` 1e-4 (LoRA on a
-    diffusion transformer; TRL's 1e-6 suits full LM fine-tuning), ``gradient_checkpointing`` False (diffusers'
+    diffusion transformer; TRL's 1e-6 suits full LM fine-tuning), ``activation_checkpointing`` False (diffusers'
     own checkpointing is enabled when True), ``beta`` 0.01, ``epsilon`` 1e-3, ``num_generations`` 8,
     ``logging_steps`` 1, ``remove_unused_columns`` False, ``report_to`` wandb (offline without an API key),
     ``bf16`` on with CUDA only (TRL turns it on everywhere; on a CPU autocast only slows rollouts down).
@@ -87,7 +87,8 @@ class FlowGRPOConfig(GRPOConfig):
     num_log_samples: int = field(default=4, metadata={"help": "Rows of that table."})
 
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "diffusers' gradient checkpointing of the transformer."})
+    activation_checkpointing: bool | None = field(default=False, metadata={"help": "diffusers' gradient checkpointing of the transformer."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5)."})
     beta: float = field(default=0.01, metadata={"help": "KL coefficient (0 = no reference forward)."})
     epsilon: float = field(default=1e-3, metadata={"help": "Lower clip range of the importance ratio."})
     num_generations: int | None = field(default=8, metadata={"help": "Samples per condition (group size)."})

@@ -3,7 +3,8 @@
 Read top to bottom, one rollout is:
 1. encode each condition (draft, reference, instruction) once, shared by its group;
 2. sample ``num_generations`` trajectories per condition: SDE steps inside the window store their start
-   state, next state and log-prob; the other steps are ODE under no_grad;
+   state, next state and log-prob; the other steps are ODE under no_grad (with ``shared_initial_noise`` a
+   group starts from one noise, its ODE steps before the window run once, and it branches at the window);
 3. decode, score with every reward (failures become ``None``, never a crash), gather scores across
    processes, compute group advantages (optionally per patch);
 4. for each micro-batch of the buffered rollout and each trained step: recompute the log-prob with the same
@@ -34,11 +35,22 @@ from refiner_rl.data import TripletDataset, collate_triplets
 from refiner_rl.distributed import keyed_generator
 from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
 from refiner_rl.policies.kontext import Conditions, KontextPolicy, TextEmbeds
-from refiner_rl.rollout import Trajectory, initial_latents, paste_back, rollout, sampling_sigmas
+from refiner_rl.rollout import (
+    Trajectory,
+    initial_latents,
+    paste_back,
+    rollout,
+    sampling_sigmas,
+)
 from refiner_rl.scoring.aggregate import compute_advantages, spatial_advantages
 from refiner_rl.scoring.base import Reward, score_safely
 from refiner_rl.scoring.registry import check_required_fields, reward_labels
-from refiner_rl.trainers.base import FULL_WEIGHTS_DIR, PolicyTrainerMixin, save_transformer_state_dict, setup_wandb_env
+from refiner_rl.trainers.base import (
+    FULL_WEIGHTS_DIR,
+    PolicyTrainerMixin,
+    save_transformer_state_dict,
+    setup_wandb_env,
+)
 from refiner_rl.trainers.ema import EMA
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.losses import clipped_surrogate
