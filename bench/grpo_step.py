@@ -13,8 +13,9 @@ One run prints four parts:
    rollout's no-grad forwards, the trained steps' forward + backward, the KL reference forwards). The two
    are measured interleaved (a bare set before every GRPO step, inside the same training run), because a
    shared machine drifts by +-20% within a minute. Target <= 1.10;
-3. window: step time with a 2-step SDE window vs training 9 of 10 steps (every step but the last), same
-   shapes otherwise. Target >= 3x;
+3. window: step time with a 2-step SDE window (sliding or fixed; and sliding with a coarse ODE tail after
+   the window, ``rollout_tail_steps``) vs training 9 of 10 steps (every step but the last), same shapes
+   otherwise. Target >= 3x;
 4. ttr (time to reward): on the tiny task, training wall time (held-out evaluation excluded) until the
    held-out reward reaches a fixed level (default: 5% better than the shared starting policy), for our
    settings vs peer-like ones (every step stochastic, all but the last trained, one advantage per image).
@@ -315,7 +316,8 @@ def _fmt_table(res: dict) -> str:
         lines += ["", f"SDE window, {w['sampling_steps']} sampling steps (median s per step, interleaved; target >= 3x):",
                   f"  9 trained (all but the last), independent noise  {w['all_but_last_s']:.4f}"]  # fmt: skip
         for k, label in (("window_2_sliding", "2 trained, sliding in the noisier half, shared noise"),
-                         ("window_2_at_0", "2 trained, fixed at step 0, shared noise")):  # fmt: skip
+                         ("window_2_at_0", "2 trained, fixed at step 0, shared noise"),
+                         ("window_2_sliding_tail", f"  the sliding one + {w['tail_steps']}-step ODE tail")):  # fmt: skip
             lines.append(f"  {label:<49}{w[k + '_s']:.4f}  -> {w['speedup_' + k]:.2f}x (train phase {w['train_speedup_' + k]:.2f}x)")
     if "ttr" in res:
         t = res["ttr"]
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prompts", type=int, default=4, help="conditions per step")
     g.add_argument("--sampling_steps", type=int, default=4)
     g.add_argument("--trained_steps", type=int, default=2, help="SDE window size")
+    g.add_argument("--tail_steps", type=int, default=2, help="window part: rollout_tail_steps of the coarse-tail variant")
     g.add_argument("--sde_type", default="flow_sde", choices=["flow_sde", "cps", "dance"])
     g.add_argument("--beta", type=float, default=0.01)
     g.add_argument("--start_sigma", type=float, default=1.0)
@@ -379,15 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     if "window" not in a.skip:
         # 10 sampling steps. Ours: 2 trained steps sliding over the noisier half (MixGRPO), one initial noise per
         # group (so the ODE steps before the window run once per group); also the same window fixed at step 0.
+        # The first with a coarse ODE tail (`rollout_tail_steps`, default 2) after the window as well.
         # Peer-like: every step but the last trained, independent initial noise.
         a10 = argparse.Namespace(**{**vars(a), "sampling_steps": 10})
         runs = interleaved_steps(a10, {
             "window_2_sliding": dict(sde_window_size=2, sde_window_mode="sliding", sde_window_max_start=4, shared_initial_noise=True),
             "window_2_at_0": dict(sde_window_size=2, shared_initial_noise=True),
+            "window_2_sliding_tail": dict(sde_window_size=2, sde_window_mode="sliding", sde_window_max_start=4, shared_initial_noise=True,
+                                          rollout_tail_steps=a.tail_steps),
             "all_but_last": dict(sde_window_size=9),
         })  # fmt: skip
         long = runs["all_but_last"]
-        res["window"] = {"sampling_steps": 10, **{f"{k}_s": r["step_s"] for k, r in runs.items()},
+        res["window"] = {"sampling_steps": 10, "tail_steps": a.tail_steps, **{f"{k}_s": r["step_s"] for k, r in runs.items()},
                          **{f"speedup_{k}": long["step_s"] / r["step_s"] for k, r in runs.items() if k != "all_but_last"},
                          **{f"train_speedup_{k}": long["phases_s"]["train"] / r["phases_s"]["train"] for k, r in runs.items() if k != "all_but_last"},
                          "phases_s": {k: r["phases_s"] for k, r in runs.items()}}  # fmt: skip

@@ -61,6 +61,18 @@ def sampling_sigmas(num_steps: int, num_tokens: int, start_sigma: float = 1.0) -
     return sigma_schedule(num_steps, image_seq_len=num_tokens) * float(start_sigma)
 
 
+def coarse_tail(sigmas: torch.Tensor, end: int, tail_steps: int | None) -> torch.Tensor:
+    """``sigmas`` with the part after index ``end`` thinned to ``tail_steps`` steps: ``sigmas[:end + 1]``, then an
+    even subset of ``sigmas[end + 1:]`` that always keeps the last value (sigma 0). Steps before ``end`` keep their
+    indices and values, so an SDE window ending at ``end`` is untouched. ``None`` (or a tail that is already
+    short enough) returns ``sigmas``."""
+    remaining = len(sigmas) - 1 - end
+    if tail_steps is None or remaining <= tail_steps:
+        return sigmas
+    picks = torch.linspace(0, remaining, tail_steps + 1).round().long()[1:] + end
+    return torch.cat([sigmas[: end + 1], sigmas[picks]])
+
+
 @torch.no_grad()
 def rollout(
     policy: KontextPolicy,

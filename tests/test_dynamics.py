@@ -374,3 +374,14 @@ def test_window_errors_name_the_field_to_change(kwargs, message):
         sde_window(**kwargs)
     with pytest.raises(ValueError, match=message):  # the schedule checks once, when it is built
         WindowSchedule(**kwargs)
+
+
+def test_coarse_tail_thins_only_the_steps_after_the_window():
+    from refiner_rl.rollout import coarse_tail
+
+    sigmas = torch.linspace(1.0, 0.0, 11)  # 10 steps
+    out = coarse_tail(sigmas, end=3, tail_steps=2)  # 7 remaining steps -> sigmas[7], sigmas[10]
+    assert torch.allclose(out, torch.tensor([1.0, 0.9, 0.8, 0.7, 0.3, 0.0]))
+    assert torch.equal(coarse_tail(sigmas, end=3, tail_steps=None), sigmas)
+    assert torch.equal(coarse_tail(sigmas, end=8, tail_steps=5), sigmas)  # 2 remaining: already short enough
+    assert torch.allclose(coarse_tail(sigmas, end=9, tail_steps=1), sigmas)

@@ -105,3 +105,30 @@ def test_shared_initial_noise_branches_each_group_at_the_window(tmp_path):
         assert (nxt[0, 0] - nxt[1, 0]).abs().max() > 1e-3
     a, b = trainer._buffered_inputs
     assert (a["states"][0, 0] - b["states"][0, 0]).abs().max() > 1e-3  # other record, other noise
+
+
+def test_a_coarse_rollout_tail_keeps_the_window_and_saves_forwards(tmp_path):
+    """``rollout_tail_steps``: the window's stored states and log-probs are those of the full schedule (same
+    noise), the invariant still holds, and the rollout runs fewer transformer forwards."""
+
+    def rollout_once(**kw):
+        trainer = _trainer(tmp_path, True, num_inference_steps=8, sde_window_size=2, sde_window_start=1, **kw)
+        calls = []
+        velocity = trainer.policy.velocity
+        trainer.policy.velocity = lambda x, *a, **k: calls.append(x.shape[0]) or velocity(x, *a, **k)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer._step = 0
+        inputs = trainer._prepare_inputs(batch)
+        del trainer.policy.velocity
+        return trainer, inputs, sum(calls)
+
+    full, full_inputs, full_calls = rollout_once()
+    tail, tail_inputs, tail_calls = rollout_once(rollout_tail_steps=1)
+    # samples through the transformer: the step before the window (steps 1-2) runs once per group (2 groups),
+    # then 7 steps for each of the 4 samples; with a 1-step tail, 3 steps (1, 2 and the tail) instead of 7
+    assert (full_calls, tail_calls) == (2 + 4 * 7, 2 + 4 * 3)
+    for key in ("states", "next_states", "old_log_probs", "sigmas"):
+        assert torch.equal(full_inputs[key], tail_inputs[key]), key
+    lp, _ = tail.recompute_log_probs(tail.model, tail_inputs)
+    assert (torch.exp(lp - tail_inputs["old_log_probs"]) - 1).abs().max().item() < 1e-5
+    assert not torch.equal(full._last_samples["scores"], tail._last_samples["scores"]), "the reward sees the coarser finish"

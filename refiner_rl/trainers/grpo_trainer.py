@@ -37,6 +37,7 @@ from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean
 from refiner_rl.policies.kontext import Conditions, KontextPolicy, TextEmbeds
 from refiner_rl.rollout import (
     Trajectory,
+    coarse_tail,
     initial_latents,
     paste_back,
     rollout,
@@ -149,11 +150,14 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             prefix = rollout(policy, cond.select(first), sigmas[: w + 1], x=x[first], true_cfg_scale=args.true_cfg_scale,
                              transformer=transformer)  # fmt: skip
             x = prefix.latents[inverse.to(x.device)]
+        # Nothing after the window is trained: a training rollout may finish on a coarser schedule (evaluation,
+        # with no SDE steps, keeps the full one). Steps up to the window's end keep their indices.
+        run_sigmas = coarse_tail(sigmas, max(sde_steps) + 1, args.rollout_tail_steps) if len(sde_steps) else sigmas
         trajs, mb = [], args.rollout_batch_size
         for i in range(0, x.shape[0], mb):
             sl = slice(i, i + mb)
             gen = generator[sl] if isinstance(generator, list) else generator  # per-sample generators follow their sample
-            t = rollout(policy, cond.select(sl), sigmas[w:], x=x[sl], sde_steps=[k - w for k in sde_steps], rule=args.sde_type,
+            t = rollout(policy, cond.select(sl), run_sigmas[w:], x=x[sl], sde_steps=[k - w for k in sde_steps], rule=args.sde_type,
                         noise_level=args.noise_level, generator=gen, true_cfg_scale=args.true_cfg_scale, transformer=transformer,
                         sigma_max=sigmas[1] if len(sigmas) > 1 else None)  # fmt: skip
             trajs.append(replace(t, sde_steps=[k + w for k in t.sde_steps], sigmas=sigmas))
