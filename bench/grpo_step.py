@@ -36,6 +36,10 @@ import sys
 import tempfile
 import time
 
+# The bench reports to stdout only (and --json must be one JSON object there): no W&B, whose offline mode makes
+# transformers print a banner on import.
+os.environ["WANDB_MODE"] = "disabled"
+
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -370,7 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
-    os.environ.setdefault("WANDB_MODE", "disabled")
     logging.disable(logging.WARNING)
     res: dict = {"args": vars(a), "device": a.device}
     if "breakdown" not in a.skip or "overhead" not in a.skip:
