@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
+
+from tests.helpers import tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,22 +22,6 @@ def test_help_lists_commands(tmp_path):
     assert r.returncode == 0 and all(c in r.stdout for c in ("sft", "grpo", "demo", "rewards"))
     r = run_cli(["trian"], tmp_path)
     assert r.returncode == 2 and "unknown command 'trian'" in r.stderr
-
-
-def _tiny_pipeline(transformer=None):
-    """A FluxKontextPipeline over the tiny components (a small AutoencoderKL stands in for the pixel codec)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
-
-    from refiner_rl.policies.tiny import tiny_components
-
-    c = tiny_components()
-    vae = AutoencoderKL(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=12, norm_num_groups=1,
-                        layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0, scaling_factor=1.0)  # fmt: skip
-    return FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=c["text_encoder"],
-                               tokenizer=c["tokenizer"], text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"],
-                               transformer=transformer or c["transformer"])  # fmt: skip
 
 
 def _same_velocity(policy, transformer, atol=1e-5):
@@ -62,7 +47,7 @@ def test_sft_cli_writes_state_and_a_transformer_the_pipeline_loads(tmp_path):
     state = json.load(open(out / "trainer_state.json"))
     assert any("loss" in h for h in state["log_history"])
     assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B logs offline without an API key"
-    pipe = _tiny_pipeline(FluxTransformer2DModel.from_pretrained(str(out / "transformer"), use_safetensors=True))
+    pipe = tiny_pipeline(FluxTransformer2DModel.from_pretrained(str(out / "transformer"), use_safetensors=True))
     policy = build_policy(ModelArguments(use_lora=False, transformer_path=str(out / "transformer")))
     assert _same_velocity(policy, pipe.transformer)
     fresh = build_policy(ModelArguments(use_lora=False))
@@ -77,7 +62,7 @@ def test_sft_cli_lora_loads_into_the_pipeline(tmp_path):
                  "--report_to", "none"], tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     pipe.load_lora_weights(str(out))
     policy = build_policy(ModelArguments(lora_r=8, lora_alpha=8, init_lora_path=str(out)))
     assert _same_velocity(policy, pipe.transformer)

@@ -235,20 +235,12 @@ def test_a_deepspeed_checkpoint_resumed_without_deepspeed_fails_clearly(runs, tm
 
 
 def test_zero3_lora_loads_into_the_pipeline_like_one_process(runs):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
-
     from refiner_rl.configs import ModelArguments, build_policy
-    from refiner_rl.policies.tiny import tiny_components
+    from tests.helpers import tiny_pipeline
 
     lora = _LORA
     one, z3 = runs("sft", "1p"), runs("sft", "zero3")
-    c = tiny_components()
-    vae = AutoencoderKL(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=12, norm_num_groups=1,
-                        layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
-    pipe = FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=c["text_encoder"],
-                               tokenizer=c["tokenizer"], text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"],
-                               transformer=c["transformer"])  # fmt: skip
+    pipe = tiny_pipeline()
     pipe.load_lora_weights(str(z3))
     policy = build_policy(ModelArguments(**lora, init_lora_path=str(one)))  # the one-process output
     torch.manual_seed(0)

@@ -11,15 +11,7 @@ from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 from tests.helpers import perturb_lora, small_policy, synthetic_dataset
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny forwards on a shared 2-core machine: two OpenMP threads spin against other processes (measured
-    # 10x slower rollouts than one thread under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(tmp_path, lora: bool, **kw) -> FlowGRPOTrainer:

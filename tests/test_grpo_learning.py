@@ -19,17 +19,10 @@ from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 from tests.helpers import small_policy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 SIZE = 16
 DINO_SIZE = 56  # 4 x 4 DINOv2 patches of 14 px: its map lies on the 4 x 4 token grid of a 16 px image
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards on a shared CPU: one thread is faster than two spinning
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

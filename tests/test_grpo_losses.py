@@ -13,13 +13,7 @@ from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 from refiner_rl.trainers.losses import clipped_surrogate
 from tests.helpers import perturb_lora, small_policy, synthetic_dataset
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards on a shared CPU: one thread is faster than two spinning
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_clipped_surrogate_by_hand():

@@ -14,13 +14,7 @@ from tests.helpers import small_policy, synthetic_dataset
 
 N = 4  # optimizer steps before the resume; with 4 records and 2 per rollout, one epoch = 4 steps
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards on a shared CPU: one thread is faster than two spinning
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RecordingTrainer(FlowGRPOTrainer):

@@ -13,13 +13,7 @@ from tests.helpers import perturb_lora, small_policy, synthetic_dataset
 
 SIZE, PATCH = 16, 4  # 16 px images: a 4 x 4 token grid (pixel codec 2x, 2x2 packing) and a 4 x 4 reward map
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards on a shared CPU: one thread is faster than two spinning
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LeftHalfPixel(MaskedPixel):

@@ -21,15 +21,7 @@ from refiner_rl.rewards.patch_dreamsim import (
 from refiner_rl.scoring import score_safely
 from refiner_rl.scoring.patches import crop_resize, grow_box, mask_bbox, splat_to_grid, tile_box
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Many tiny ViT forwards: on a shared 2-core machine, 2 OpenMP threads spin against other processes and
-    # run 3-10x slower than 1 (measured: 47 vs 165-460 ms per patch pair).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

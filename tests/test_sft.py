@@ -1,7 +1,6 @@
 """SFT: the mask-weighted loss by hand, learning on the tiny model, LoRA round trip through diffusers,
 atomic checkpoints and resume."""
 
-import json
 import os
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
 from refiner_rl.trainers.losses import mask_weighted_flow_loss
-from tests.helpers import SMALL, perturb_lora, small_policy, synthetic_dataset
+from tests.helpers import SMALL, perturb_lora, small_policy, synthetic_dataset, tiny_pipeline
 
 
 def test_mask_weighted_loss_by_hand():
@@ -47,8 +46,6 @@ def test_sft_loss_falls_on_the_tiny_model(tmp_path):
 
 
 def test_lora_round_trip_through_flux_kontext_pipeline(tmp_path):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
-
     policy = small_policy(lora=True)
     perturb_lora(policy)
     trainer = FlowSFTTrainer(policy, _args(tmp_path, max_steps=1), synthetic_dataset(4))
@@ -56,15 +53,7 @@ def test_lora_round_trip_through_flux_kontext_pipeline(tmp_path):
     assert os.path.isfile(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
 
     # a pipeline with a fresh transformer of the same config and no adapter
-    from refiner_rl.policies.tiny import tiny_components
-
-    c = tiny_components(**SMALL)
-    vae = AutoencoderKL(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=12, norm_num_groups=1,
-                        layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
-    pipe = FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=c["text_encoder"],
-                               tokenizer=c["tokenizer"], text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"],
-                               transformer=c["transformer"])  # fmt: skip
+    pipe = tiny_pipeline(**SMALL)
     cond = policy.encode_conditions(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), prompts=["x"])
     x, s = torch.randn(1, 16, 48), torch.tensor([0.5])
     ours = policy.velocity(x, s, cond)

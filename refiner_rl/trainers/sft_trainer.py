@@ -8,7 +8,6 @@ loss against ``eps - x0``.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from refiner_rl.data import BucketBatchOrderSampler, TripletDataset, collate_triplets
