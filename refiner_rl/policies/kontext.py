@@ -147,8 +147,9 @@ class KontextPolicy:
         from diffusers import FluxTransformer2DModel
 
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"transformer_path {path!r} is not a folder (expected a save_pretrained output with config.json)")
+            raise FileNotFoundError(f"transformer folder {path!r} does not exist (expected a save_pretrained output with config.json)")
         loaded = FluxTransformer2DModel.from_pretrained(path, torch_dtype=self.dtype, use_safetensors=True)
+
         def plain(cfg):  # JSON round trip: tuples become lists
             return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items()}
 
@@ -156,7 +157,7 @@ class KontextPolicy:
         diff = {k: (mine.get(k), theirs.get(k)) for k in set(mine) | set(theirs)
                 if not k.startswith("_") and mine.get(k) != theirs.get(k)}  # fmt: skip
         if diff:
-            raise ValueError(f"transformer_path {path!r} holds a transformer of another shape: (ours, theirs) = {diff}")
+            raise ValueError(f"{path!r} holds a transformer of another shape: (ours, theirs) = {diff}")
         self.transformer.load_state_dict(loaded.state_dict())
 
     @classmethod

@@ -93,13 +93,10 @@ class PolicyTrainerMixin:
         if self.policy.has_lora:
             self.policy.load_lora(resume_from_checkpoint)
         else:
-            from diffusers import FluxTransformer2DModel
-
             folder = os.path.join(resume_from_checkpoint, FULL_WEIGHTS_DIR)
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} has no {FULL_WEIGHTS_DIR}/ folder to resume from")
-            loaded = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=self.policy.dtype, use_safetensors=True)
-            self.accelerator.unwrap_model(self.model).load_state_dict(loaded.state_dict())
+            self.policy.load_transformer(folder)  # the trained model is the policy's transformer (unwrapped)
         self._load_extra_state(resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
