@@ -69,19 +69,41 @@ def _sync(device) -> None:
 def build_trainer(a, out_dir: str, **overrides) -> FlowGRPOTrainer:
     """A trainer at the shapes of the command line; ``overrides`` replace config fields."""
     torch.manual_seed(a.seed)
-    policy = KontextPolicy.tiny(num_layers=a.layers, num_single_layers=a.single_layers, num_attention_heads=a.heads,
-                                attention_head_dim=a.head_dim, joint_attention_dim=a.joint_dim,
-                                axes_dims_rope=rope_axes(a.head_dim))  # fmt: skip
+    policy = KontextPolicy.tiny(
+        num_layers=a.layers,
+        num_single_layers=a.single_layers,
+        num_attention_heads=a.heads,
+        attention_head_dim=a.head_dim,
+        joint_attention_dim=a.joint_dim,
+        axes_dims_rope=rope_axes(a.head_dim),
+    )
     if a.lora_rank > 0:
         policy.add_lora(rank=a.lora_rank, target_modules=a.lora_targets.split(","))
     policy.to(a.device)
     batch = a.group * a.prompts
-    cfg = dict(output_dir=out_dir, max_steps=a.warmup + a.iters, per_device_train_batch_size=batch, num_generations=a.group,
-               num_inference_steps=a.sampling_steps, sde_window_size=a.trained_steps, sde_type=a.sde_type,
-               noise_level=0.7 if a.sde_type == "cps" else 0.9, beta=a.beta, learning_rate=1e-4, lr_scheduler_type="constant",
-               start_sigma=a.start_sigma, paste_back=a.start_sigma < 1, seed=a.seed, logging_steps=1,
-               rewards=[{"name": "masked_pixel"}], report_to="none", use_cpu=a.device == "cpu", disable_tqdm=True,
-               save_strategy="no", log_samples=False)  # fmt: skip
+    cfg = dict(
+        output_dir=out_dir,
+        max_steps=a.warmup + a.iters,
+        per_device_train_batch_size=batch,
+        num_generations=a.group,
+        num_inference_steps=a.sampling_steps,
+        sde_window_size=a.trained_steps,
+        sde_type=a.sde_type,
+        noise_level=0.7 if a.sde_type == "cps" else 0.9,
+        beta=a.beta,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        start_sigma=a.start_sigma,
+        paste_back=a.start_sigma < 1,
+        seed=a.seed,
+        logging_steps=1,
+        rewards=[{"name": "masked_pixel"}],
+        report_to="none",
+        use_cpu=a.device == "cpu",
+        disable_tqdm=True,
+        save_strategy="no",
+        log_samples=False,
+    )
     cfg.update(overrides)
     args = FlowGRPOConfig(**cfg)
     records = synthetic_records(max(a.records, a.prompts), seed=a.seed, size=a.size)
@@ -107,11 +129,20 @@ def bare_calls(trainer: FlowGRPOTrainer):
         hidden = torch.cat([x, c.tokens], 1).to(dtype)
         seq, pooled = c.text.prompt_embeds, c.text.pooled
         if cfg:
-            hidden, seq, pooled = torch.cat([hidden, hidden]), torch.cat([seq, c.negative.prompt_embeds]), torch.cat([pooled, c.negative.pooled])
-        return dict(hidden_states=hidden, encoder_hidden_states=seq.to(dtype), pooled_projections=pooled.to(dtype),
-                    timestep=torch.full((hidden.shape[0],), 0.5, device=dev, dtype=dtype),
-                    img_ids=torch.cat([c.target_ids, c.ids]).to(dtype),
-                    txt_ids=torch.zeros(seq.shape[1], 3, device=dev, dtype=dtype), return_dict=False)  # fmt: skip
+            hidden, seq, pooled = (
+                torch.cat([hidden, hidden]),
+                torch.cat([seq, c.negative.prompt_embeds]),
+                torch.cat([pooled, c.negative.pooled]),
+            )
+        return dict(
+            hidden_states=hidden,
+            encoder_hidden_states=seq.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            timestep=torch.full((hidden.shape[0],), 0.5, device=dev, dtype=dtype),
+            img_ids=torch.cat([c.target_ids, c.ids]).to(dtype),
+            txt_ids=torch.zeros(seq.shape[1], 3, device=dev, dtype=dtype),
+            return_dict=False,
+        )
 
     n = cond.tokens.shape[0]
     roll = [inputs(min(args.rollout_batch_size, n - i)) for i in range(0, n, args.rollout_batch_size)]
@@ -184,7 +215,12 @@ def timed_run(a, with_bare: bool, **overrides) -> dict:
     per_step = {k: statistics.fmean(t[k][w:]) for k in ("rollout", "reward", "advantages", "train")}
     step = statistics.fmean(clock.steps[w:])
     per_step["other"] = step - sum(per_step.values())
-    out = {"step_s": step, "step_median_s": statistics.median(clock.steps[w:]), "phases_s": per_step, "steps_s": clock.steps[w:]}
+    out = {
+        "step_s": step,
+        "step_median_s": statistics.median(clock.steps[w:]),
+        "phases_s": per_step,
+        "steps_s": clock.steps[w:],
+    }
     if with_bare:
         out["bare_s"] = statistics.fmean(clock.bares[w:])
         # ratio per interleaved pair, then the median: pairs share the machine's load of the moment
@@ -242,8 +278,16 @@ TTR_PEER = dict(spatial_advantage_mix=0.0, shared_initial_noise=False)  # window
 
 def ttr_settings(a) -> dict:
     """The tiny learning task of tests/test_grpo_learning.py (the settings documented there)."""
-    return dict(num_inference_steps=a.ttr_sampling_steps, learning_rate=a.ttr_lr, beta=0.0, start_sigma=0.6, paste_back=True,
-                rewards=[{"name": "masked_pixel", "patch_size": 4}], lr_scheduler_type="constant", max_steps=a.ttr_max_steps)  # fmt: skip
+    return dict(
+        num_inference_steps=a.ttr_sampling_steps,
+        learning_rate=a.ttr_lr,
+        beta=0.0,
+        start_sigma=0.6,
+        paste_back=True,
+        rewards=[{"name": "masked_pixel", "patch_size": 4}],
+        lr_scheduler_type="constant",
+        max_steps=a.ttr_max_steps,
+    )
 
 
 class EvalUntil(TrainerCallback):
@@ -276,13 +320,29 @@ def time_to_reward(a) -> dict:
     held_out = TripletDataset(synthetic_records(16, seed=a.seed + 1, size=16), None, multiple=4)
     runs = {}
     start = None
-    tiny = argparse.Namespace(**{**vars(a), "layers": 1, "single_layers": 1, "heads": 2, "head_dim": 16, "joint_dim": 32,
-                                 "size": 16, "group": 8, "prompts": 2, "lora_rank": 0, "seed": a.seed})  # fmt: skip
+    tiny = argparse.Namespace(
+        **{
+            **vars(a),
+            "layers": 1,
+            "single_layers": 1,
+            "heads": 2,
+            "head_dim": 16,
+            "joint_dim": 32,
+            "size": 16,
+            "group": 8,
+            "prompts": 2,
+            "lora_rank": 0,
+            "seed": a.seed,
+        }
+    )
     peer = dict(TTR_PEER, sde_window_size=a.ttr_sampling_steps - 1, sde_window_start=0)
     settings = [("ours", TTR_BEST), ("peer_like", peer)]
     if a.ttr_ablations:  # one of our changes at a time, on top of the peer-like settings
-        settings += [("peer+spatial", dict(peer, spatial_advantage_mix=1.0)), ("peer+shared_noise", dict(peer, shared_initial_noise=True)),
-                     ("peer+window_2", dict(peer, sde_window_size=2))]  # fmt: skip
+        settings += [
+            ("peer+spatial", dict(peer, spatial_advantage_mix=1.0)),
+            ("peer+shared_noise", dict(peer, shared_initial_noise=True)),
+            ("peer+window_2", dict(peer, sde_window_size=2)),
+        ]
     for name, extra in settings:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = build_trainer(tiny, tmp, **{**ttr_settings(a), **extra})
@@ -292,7 +352,12 @@ def time_to_reward(a) -> dict:
             cb = EvalUntil(trainer, held_out, a.ttr_eval_every, level, a.ttr_budget)
             trainer.add_callback(cb)
             trainer.train()
-            runs[name] = {"seconds_to_level": cb.reached, "train_s": round(cb.train_s, 1), "curve": cb.curve, "settings": extra}
+            runs[name] = {
+                "seconds_to_level": cb.reached,
+                "train_s": round(cb.train_s, 1),
+                "curve": cb.curve,
+                "settings": extra,
+            }
     o, p = runs["ours"]["seconds_to_level"], runs["peer_like"]["seconds_to_level"]
     speedup = None
     if o is not None:
@@ -309,20 +374,38 @@ def _fmt_table(res: dict) -> str:
         for k, v in b["phases_s"].items():
             lines.append(f"  {k:<12}{v:>10.4f}  {v / b['step_s']:>6.1%}")
         lines.append(f"  {'step':<12}{b['step_s']:>10.4f}")
-        lines.append(f"  peak RSS {res['memory']['peak_rss_mb']:.0f} MB" + (
-            f", CUDA peak {res['memory']['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in res["memory"] else ""))
+        lines.append(
+            f"  peak RSS {res['memory']['peak_rss_mb']:.0f} MB"
+            + (
+                f", CUDA peak {res['memory']['cuda_peak_allocated_mb']:.0f} MB"
+                if "cuda_peak_allocated_mb" in res["memory"]
+                else ""
+            )
+        )
     if "overhead" in res:
         o = res["overhead"]
-        lines += ["", (f"overhead: GRPO step {o['step_s']:.4f} s / bare transformer calls {o['bare_s']:.4f} s (means); "
-                       f"median ratio of interleaved pairs {o['overhead']:.3f} (target <= 1.10)")]  # fmt: skip
+        lines += [
+            "",
+            (
+                f"overhead: GRPO step {o['step_s']:.4f} s / bare transformer calls {o['bare_s']:.4f} s (means); "
+                f"median ratio of interleaved pairs {o['overhead']:.3f} (target <= 1.10)"
+            ),
+        ]
     if "window" in res:
         w = res["window"]
-        lines += ["", f"SDE window, {w['sampling_steps']} sampling steps (median s per step, interleaved; target >= 3x):",
-                  f"  9 trained (all but the last), independent noise  {w['all_but_last_s']:.4f}"]  # fmt: skip
-        for k, label in (("window_2_sliding", "2 trained, sliding in the noisier half, shared noise"),
-                         ("window_2_at_0", "2 trained, fixed at step 0, shared noise"),
-                         ("window_2_sliding_tail", f"  the sliding one + {w['tail_steps']}-step ODE tail")):  # fmt: skip
-            lines.append(f"  {label:<49}{w[k + '_s']:.4f}  -> {w['speedup_' + k]:.2f}x (train phase {w['train_speedup_' + k]:.2f}x)")
+        lines += [
+            "",
+            f"SDE window, {w['sampling_steps']} sampling steps (median s per step, interleaved; target >= 3x):",
+            f"  9 trained (all but the last), independent noise  {w['all_but_last_s']:.4f}",
+        ]
+        for k, label in (
+            ("window_2_sliding", "2 trained, sliding in the noisier half, shared noise"),
+            ("window_2_at_0", "2 trained, fixed at step 0, shared noise"),
+            ("window_2_sliding_tail", f"  the sliding one + {w['tail_steps']}-step ODE tail"),
+        ):
+            lines.append(
+                f"  {label:<49}{w[k + '_s']:.4f}  -> {w['speedup_' + k]:.2f}x (train phase {w['train_speedup_' + k]:.2f}x)"
+            )
     if "ttr" in res:
         t = res["ttr"]
         lines += ["", f"time to reward: held-out reward {t['start_reward']:.5f} -> level {t['level']:.5f}"]
@@ -351,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prompts", type=int, default=4, help="conditions per step")
     g.add_argument("--sampling_steps", type=int, default=4)
     g.add_argument("--trained_steps", type=int, default=2, help="SDE window size")
-    g.add_argument("--tail_steps", type=int, default=2, help="window part: rollout_tail_steps of the coarse-tail variant")
+    g.add_argument(
+        "--tail_steps", type=int, default=2, help="window part: rollout_tail_steps of the coarse-tail variant"
+    )
     g.add_argument("--sde_type", default="flow_sde", choices=["flow_sde", "cps", "dance"])
     g.add_argument("--beta", type=float, default=0.01)
     g.add_argument("--start_sigma", type=float, default=1.0)
@@ -367,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ttr_max_steps", type=int, default=1000)
     g.add_argument("--ttr_ablations", action="store_true", help="also peer-like + each of our changes alone")
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny shapes on a shared CPU)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny shapes on a shared CPU)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -388,18 +475,36 @@ def main(argv: list[str] | None = None) -> int:
         # The first with a coarse ODE tail (`rollout_tail_steps`, default 2) after the window as well.
         # Peer-like: every step but the last trained, independent initial noise.
         a10 = argparse.Namespace(**{**vars(a), "sampling_steps": 10})
-        runs = interleaved_steps(a10, {
-            "window_2_sliding": dict(sde_window_size=2, sde_window_mode="sliding", sde_window_max_start=4, shared_initial_noise=True),
-            "window_2_at_0": dict(sde_window_size=2, shared_initial_noise=True),
-            "window_2_sliding_tail": dict(sde_window_size=2, sde_window_mode="sliding", sde_window_max_start=4, shared_initial_noise=True,
-                                          rollout_tail_steps=a.tail_steps),
-            "all_but_last": dict(sde_window_size=9),
-        })  # fmt: skip
+        runs = interleaved_steps(
+            a10,
+            {
+                "window_2_sliding": dict(
+                    sde_window_size=2, sde_window_mode="sliding", sde_window_max_start=4, shared_initial_noise=True
+                ),
+                "window_2_at_0": dict(sde_window_size=2, shared_initial_noise=True),
+                "window_2_sliding_tail": dict(
+                    sde_window_size=2,
+                    sde_window_mode="sliding",
+                    sde_window_max_start=4,
+                    shared_initial_noise=True,
+                    rollout_tail_steps=a.tail_steps,
+                ),
+                "all_but_last": dict(sde_window_size=9),
+            },
+        )
         long = runs["all_but_last"]
-        res["window"] = {"sampling_steps": 10, "tail_steps": a.tail_steps, **{f"{k}_s": r["step_s"] for k, r in runs.items()},
-                         **{f"speedup_{k}": long["step_s"] / r["step_s"] for k, r in runs.items() if k != "all_but_last"},
-                         **{f"train_speedup_{k}": long["phases_s"]["train"] / r["phases_s"]["train"] for k, r in runs.items() if k != "all_but_last"},
-                         "phases_s": {k: r["phases_s"] for k, r in runs.items()}}  # fmt: skip
+        res["window"] = {
+            "sampling_steps": 10,
+            "tail_steps": a.tail_steps,
+            **{f"{k}_s": r["step_s"] for k, r in runs.items()},
+            **{f"speedup_{k}": long["step_s"] / r["step_s"] for k, r in runs.items() if k != "all_but_last"},
+            **{
+                f"train_speedup_{k}": long["phases_s"]["train"] / r["phases_s"]["train"]
+                for k, r in runs.items()
+                if k != "all_but_last"
+            },
+            "phases_s": {k: r["phases_s"] for k, r in runs.items()},
+        }
     if "ttr" not in a.skip:
         res["ttr"] = time_to_reward(a)
     print(json.dumps(res, indent=2, default=str) if a.json else _fmt_table(res))

@@ -26,8 +26,8 @@ import tempfile
 import time
 
 import torch
-from refiner_rl.rewards.patch_dreamsim import DREAMSIM_SIZE, PatchDreamSim, make_random_dreamsim_cache
 
+from refiner_rl.rewards.patch_dreamsim import DREAMSIM_SIZE, PatchDreamSim, make_random_dreamsim_cache
 from refiner_rl.scoring.patches import crop_resize
 
 MODEL_SIZES = {"tiny": (32, 2), "small": (384, 6), "base": (768, 12)}  # (embed dim, heads); depth 12
@@ -56,9 +56,7 @@ def _timed_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image-size", type=int, default=256, help="square image side in pixels (default 256)")
-    p.add_argument(
-        "--batch", type=int, default=8, help="images per reward call in the batched mode (default 8)"
-    )
+    p.add_argument("--batch", type=int, default=8, help="images per reward call in the batched mode (default 8)")
     p.add_argument("--patch-size", type=int, default=64, help="patch side in pixels (default 64)")
     p.add_argument("--selection", default="grid", choices=["grid", "bbox", "both"])
     p.add_argument(
@@ -73,12 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="build a random-weight DreamSim cache (default); --no-random-weights uses --cache-dir",
     )
-    p.add_argument(
-        "--cache-dir", default=None, help="DreamSim cache with real weights (with --no-random-weights)"
-    )
-    p.add_argument(
-        "--forward-batch", type=int, default=64, help="patch pairs per forward (the reward's batch_size)"
-    )
+    p.add_argument("--cache-dir", default=None, help="DreamSim cache with real weights (with --no-random-weights)")
+    p.add_argument("--forward-batch", type=int, default=64, help="patch pairs per forward (the reward's batch_size)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per mode; the median is reported")
     p.add_argument("--per-patch", action="store_true", help="also time one forward per patch pair")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -91,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_weights:
             dim, heads = MODEL_SIZES[args.model_size]
-            cache_dir = make_random_dreamsim_cache(
-                os.path.join(tmp, "dreamsim"), embed_dim=dim, num_heads=heads
-            )
+            cache_dir = make_random_dreamsim_cache(os.path.join(tmp, "dreamsim"), embed_dim=dim, num_heads=heads)
         elif args.cache_dir:
             cache_dir = args.cache_dir
         else:

@@ -34,21 +34,54 @@ class ModelArguments:
         use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules, init_lora_path.
     """
 
-    model_name_or_path: str = field(default="tiny", metadata={"help": "`tiny`, a diffusers repo id, or a local folder laid out like FLUX.1-Kontext-dev."})
-    tiny_model: dict | str | None = field(default=None, metadata={"help": "Overrides of the tiny editor's shape (see refiner_rl.policies.tiny.TinySpec), e.g. {num_layers: 2}."})
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "`tiny`, a diffusers repo id, or a local folder laid out like FLUX.1-Kontext-dev."},
+    )
+    tiny_model: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Overrides of the tiny editor's shape (see refiner_rl.policies.tiny.TinySpec), e.g. {num_layers: 2}."
+        },
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
-    transformer_path: str | None = field(default=None, metadata={"help": "Folder of a fully fine-tuned transformer (save_pretrained format, e.g. a full-FT SFT run's `transformer/`) to use instead of the base one; works with `tiny` too."})
-    torch_dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the model repo (text encoders/tokenizers). Off by default."})
-    reference_id: int = field(default=2, metadata={"help": "RoPE id channel-0 value of the reference tokens (target 0, draft 1)."})
-    guidance_scale: float = field(default=2.5, metadata={"help": "Embedded guidance of guidance-distilled editors (FLUX.1-Kontext-dev: 2.5). Ignored by models without guidance embeddings."})
+    transformer_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a fully fine-tuned transformer (save_pretrained format, e.g. a full-FT SFT run's `transformer/`) to use instead of the base one; works with `tiny` too."
+        },
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow custom code from the model repo (text encoders/tokenizers). Off by default."},
+    )
+    reference_id: int = field(
+        default=2, metadata={"help": "RoPE id channel-0 value of the reference tokens (target 0, draft 1)."}
+    )
+    guidance_scale: float = field(
+        default=2.5,
+        metadata={
+            "help": "Embedded guidance of guidance-distilled editors (FLUX.1-Kontext-dev: 2.5). Ignored by models without guidance embeddings."
+        },
+    )
     max_sequence_length: int = field(default=512, metadata={"help": "T5 prompt length."})
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (peft) instead of all transformer weights."})
+    use_lora: bool = field(
+        default=True, metadata={"help": "Train a LoRA adapter (peft) instead of all transformer weights."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), metadata={"help": "Module names that get LoRA (default: attention + feed-forward, as in OmniRefiner)."})
-    init_lora_path: str | None = field(default=None, metadata={"help": "Start from this LoRA (e.g. the SFT stage's output folder)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "Module names that get LoRA (default: attention + feed-forward, as in OmniRefiner)."},
+    )
+    init_lora_path: str | None = field(
+        default=None, metadata={"help": "Start from this LoRA (e.g. the SFT stage's output folder)."}
+    )
 
     def __post_init__(self):
         self.tiny_model = _as_dict(self.tiny_model, "tiny_model")
@@ -70,16 +103,35 @@ class DataArguments:
     ``dataset`` is a JSONL/parquet file, a folder holding ``records.jsonl``, a ``datasets`` name, or
     ``synthetic`` (the generated set of the embedded default)."""
 
-    dataset: str = field(default="synthetic", metadata={"help": "JSONL/parquet file, folder with records.jsonl, a `datasets` name, or `synthetic`."})
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "JSONL/parquet file, folder with records.jsonl, a `datasets` name, or `synthetic`."},
+    )
     dataset_split: str = field(default="train", metadata={"help": "Split for `datasets` names."})
     eval_dataset: str | None = field(default=None, metadata={"help": "Held-out triplets (same forms as `dataset`)."})
-    resolution: int | None = field(default=None, metadata={"help": "Resize so images have about resolution^2 pixels (aspect kept, sides multiples of 16). None keeps sizes."})
-    buckets: list[int] | None = field(default=None, metadata={"help": "Resolution buckets, e.g. [512, 768, 1024]: each record goes to the nearest; batches never mix buckets."})
-    skip_invalid_records: bool = field(default=False, metadata={"help": "Skip and count bad records instead of stopping with an error naming them."})
-    synthetic_records: int = field(default=512, metadata={"help": "Number of synthetic training records (dataset: synthetic)."})
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Resize so images have about resolution^2 pixels (aspect kept, sides multiples of 16). None keeps sizes."
+        },
+    )
+    buckets: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Resolution buckets, e.g. [512, 768, 1024]: each record goes to the nearest; batches never mix buckets."
+        },
+    )
+    skip_invalid_records: bool = field(
+        default=False, metadata={"help": "Skip and count bad records instead of stopping with an error naming them."}
+    )
+    synthetic_records: int = field(
+        default=512, metadata={"help": "Number of synthetic training records (dataset: synthetic)."}
+    )
     synthetic_eval_records: int = field(default=32, metadata={"help": "Number of synthetic held-out records."})
     synthetic_size: int = field(default=32, metadata={"help": "Side of synthetic images in pixels."})
-    synthetic_seed: int = field(default=1234, metadata={"help": "Seed of the synthetic set (held-out set uses seed + 1)."})
+    synthetic_seed: int = field(
+        default=1234, metadata={"help": "Seed of the synthetic set (held-out set uses seed + 1)."}
+    )
 
     def build(self, *, multiple: int, require_target: bool = True, eval: bool = False):
         """The training (or held-out) :class:`TripletDataset`."""
@@ -90,8 +142,13 @@ class DataArguments:
             if self.dataset != "synthetic":
                 return None
             source = "synthetic"
-        kwargs = dict(resolution=self.resolution, buckets=self.buckets, multiple=multiple,
-                      skip_invalid=self.skip_invalid_records, require_target=require_target)  # fmt: skip
+        kwargs = dict(
+            resolution=self.resolution,
+            buckets=self.buckets,
+            multiple=multiple,
+            skip_invalid=self.skip_invalid_records,
+            require_target=require_target,
+        )
         if source == "synthetic":
             n = self.synthetic_eval_records if eval else self.synthetic_records
             seed = self.synthetic_seed + (1 if eval else 0)
@@ -113,16 +170,24 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
             policy.transformer.to(dtype)
     else:
         policy = KontextPolicy.from_pretrained(
-            model_args.model_name_or_path, dtype=dtype, revision=model_args.revision,
-            trust_remote_code=model_args.trust_remote_code, transformer_path=model_args.transformer_path,
-            max_sequence_length=model_args.max_sequence_length, reference_id=model_args.reference_id,
+            model_args.model_name_or_path,
+            dtype=dtype,
+            revision=model_args.revision,
+            trust_remote_code=model_args.trust_remote_code,
+            transformer_path=model_args.transformer_path,
+            max_sequence_length=model_args.max_sequence_length,
+            reference_id=model_args.reference_id,
             guidance_scale=model_args.guidance_scale,
-        )  # fmt: skip
+        )
     policy.guidance_scale = model_args.guidance_scale
     if model_args.use_lora:
-        policy.add_lora(model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules, model_args.lora_dropout)
+        policy.add_lora(
+            model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules, model_args.lora_dropout
+        )
         if model_args.init_lora_path:
             policy.load_lora(model_args.init_lora_path)
     elif model_args.init_lora_path:
-        raise ValueError("`init_lora_path` needs `use_lora: true` (the adapter is loaded into a LoRA of the same shape)")
+        raise ValueError(
+            "`init_lora_path` needs `use_lora: true` (the adapter is loaded into a LoRA of the same shape)"
+        )
     return policy.to(device)

@@ -77,8 +77,12 @@ def prepare_cpu_distributed(args=None) -> bool:
             # cpu=True: accelerate's MULTI_CPU, which wraps the model in DDP
             PartialState(cpu=True, backend="gloo")
         state = PartialState()
-        logger.info("CPU launch: gloo process group, rank %d of %d (%s)", state.process_index, state.num_processes,
-                    state.distributed_type)  # fmt: skip
+        logger.info(
+            "CPU launch: gloo process group, rank %d of %d (%s)",
+            state.process_index,
+            state.num_processes,
+            state.distributed_type,
+        )
     if args is not None:
         _use_configured_state(args)
     return True
@@ -145,7 +149,9 @@ def model_hidden_size(model: nn.Module) -> int:
             return int(get("inner_dim"))
     widths = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
     if not widths:
-        raise ValueError("cannot infer the model width for DeepSpeed 'auto' bucket sizes: give explicit values in the DeepSpeed config")
+        raise ValueError(
+            "cannot infer the model width for DeepSpeed 'auto' bucket sizes: give explicit values in the DeepSpeed config"
+        )
     return max(widths)
 
 

@@ -18,16 +18,28 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def generate(policy: KontextPolicy, batch: dict, *, num_steps: int = 10, seed: int = 0, start_sigma: float = 1.0,
-             paste: bool = False, true_cfg_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+def generate(
+    policy: KontextPolicy,
+    batch: dict,
+    *,
+    num_steps: int = 10,
+    seed: int = 0,
+    start_sigma: float = 1.0,
+    paste: bool = False,
+    true_cfg_scale: float = 1.0,
+) -> torch.Tensor:
     """Refined images ``[B, 3, H, W]`` for a collated batch (ODE sampling, deterministic given ``seed``)."""
     dev = policy.device
     text = None
     if "prompt_embeds" in batch:
         from refiner_rl.policies.kontext import TextEmbeds
 
-        text = TextEmbeds(batch["prompt_embeds"].to(dev, policy.dtype), batch["pooled_prompt_embeds"].to(dev, policy.dtype))
-    cond = policy.encode_conditions(batch["draft"].to(dev), batch["reference"].to(dev), prompts=batch["prompt"], text=text)
+        text = TextEmbeds(
+            batch["prompt_embeds"].to(dev, policy.dtype), batch["pooled_prompt_embeds"].to(dev, policy.dtype)
+        )
+    cond = policy.encode_conditions(
+        batch["draft"].to(dev), batch["reference"].to(dev), prompts=batch["prompt"], text=text
+    )
     sigmas = sampling_sigmas(num_steps, cond.num_target_tokens, start_sigma)
     g = torch.Generator().manual_seed(seed)
     draft_latents = policy.encode_images(batch["draft"].to(dev)) if start_sigma < 1.0 else None
@@ -38,8 +50,16 @@ def generate(policy: KontextPolicy, batch: dict, *, num_steps: int = 10, seed: i
 
 
 @torch.no_grad()
-def evaluate_refinement(policy: KontextPolicy, dataset: TripletDataset, *, num_steps: int = 10, batch_size: int = 16,
-                        seed: int = 0, start_sigma: float = 1.0, paste: bool = False) -> dict[str, float]:  # fmt: skip
+def evaluate_refinement(
+    policy: KontextPolicy,
+    dataset: TripletDataset,
+    *,
+    num_steps: int = 10,
+    batch_size: int = 16,
+    seed: int = 0,
+    start_sigma: float = 1.0,
+    paste: bool = False,
+) -> dict[str, float]:
     """Mean MSE inside/outside the mask of the output and of the draft, both against the target."""
     sums = {"output_in": 0.0, "output_out": 0.0, "draft_in": 0.0, "draft_out": 0.0}
     n = 0

@@ -39,14 +39,22 @@ def randn(shape, generator: Generators, device) -> torch.Tensor:
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} samples")
-        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(device) for g in generator]
+        rows = [
+            torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(device)
+            for g in generator
+        ]
         return torch.stack(rows)
     dev = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=dev, dtype=torch.float32).to(device)
 
 
-def initial_latents(policy: KontextPolicy, cond: Conditions, generator: Generators,
-                    start_sigma: float = 1.0, draft_latents: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def initial_latents(
+    policy: KontextPolicy,
+    cond: Conditions,
+    generator: Generators,
+    start_sigma: float = 1.0,
+    draft_latents: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Pure noise (``start_sigma = 1``), or the draft noised to ``start_sigma`` (SDEdit-style start)."""
     b, n, c = cond.tokens.shape[0], cond.num_target_tokens, cond.tokens.shape[-1]
     noise = randn((b, n, c), generator, policy.device)
@@ -101,13 +109,27 @@ def rollout(
     x = x.float()
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-        v = policy.velocity(x, torch.full((x.shape[0],), s, device=x.device), cond,
-                            transformer=transformer, true_cfg_scale=true_cfg_scale)  # fmt: skip
+        v = policy.velocity(
+            x,
+            torch.full((x.shape[0],), s, device=x.device),
+            cond,
+            transformer=transformer,
+            true_cfg_scale=true_cfg_scale,
+        )
         if i in sde:
             per_sample = isinstance(generator, (list, tuple))
             noise = randn(x.shape, generator, x.device) if per_sample else None
-            out = sde_step(rule, x, v, s, s_next, noise_level, generator=None if per_sample else generator,
-                           noise=noise, sigma_max=sigma_max)  # fmt: skip
+            out = sde_step(
+                rule,
+                x,
+                v,
+                s,
+                s_next,
+                noise_level,
+                generator=None if per_sample else generator,
+                noise=noise,
+                sigma_max=sigma_max,
+            )
             states.append(x)
             nexts.append(out.next_sample)
             lps.append(out.log_prob)

@@ -92,9 +92,7 @@ class DinoSimilarity(Reward):
     ):
         super().__init__(weight=weight, device=device, dtype=dtype)
         if compare_to not in ("target", "reference"):
-            raise ValueError(
-                f"dino_similarity: compare_to must be 'target' or 'reference', got {compare_to!r}"
-            )
+            raise ValueError(f"dino_similarity: compare_to must be 'target' or 'reference', got {compare_to!r}")
         if region not in ("bbox", "full"):
             raise ValueError(f"dino_similarity: region must be 'bbox' or 'full', got {region!r}")
         if pooling not in ("cls", "mean"):

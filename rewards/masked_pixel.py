@@ -54,9 +54,7 @@ class MaskedPixel(Reward):
         if region not in ("inside", "outside"):
             raise ValueError(f"masked_pixel: region must be 'inside' or 'outside', got {region!r}")
         if patch_size is not None and int(patch_size) < 1:
-            raise ValueError(
-                f"masked_pixel: patch_size must be a positive number of pixels, got {patch_size!r}"
-            )
+            raise ValueError(f"masked_pixel: patch_size must be a positive number of pixels, got {patch_size!r}")
         self.error = error
         self.region = region
         self.patch_size = int(patch_size) if patch_size is not None else None
@@ -93,9 +91,7 @@ class MaskedPixel(Reward):
                 continue
             cell_area = cell_sums(m, self.patch_size)
             cell_err = cell_sums(m * err, self.patch_size)
-            maps.append(
-                torch.where(cell_area > 0, -cell_err / cell_area.clamp(min=1e-300), float("nan")).float()
-            )
+            maps.append(torch.where(cell_area > 0, -cell_err / cell_area.clamp(min=1e-300), float("nan")).float())
         return scores, maps
 
     def score(self, prompts: Sequence[str], completions: Sequence[Any], **columns) -> list[float | None]:

@@ -237,9 +237,7 @@ def make_random_dreamsim_cache(
         warnings.filterwarnings("ignore", message=".*weight_norm` is deprecated")
         torch.manual_seed(seed)
         backbone = VisionTransformer(**kwargs)
-        torch.save(
-            backbone.state_dict(), os.path.join(cache_dir, "checkpoints", "dino_vitbase16_pretrain.pth")
-        )
+        torch.save(backbone.state_dict(), os.path.join(cache_dir, "checkpoints", "dino_vitbase16_pretrain.pth"))
         # dreamsim loads the DINO projection head but does not use it for `cls` features: tiny tensors.
         names = ("mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight")
         head = {f"module.head.{k}": torch.randn(2, 2) for k in names}
@@ -256,9 +254,7 @@ def make_random_dreamsim_cache(
                 device="cpu",
                 normalize_embeds=True,
             )
-        config = LoraConfig(
-            r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, bias="none", target_modules=["qkv"]
-        )
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, bias="none", target_modules=["qkv"])
         lora = get_peft_model(base, config)
         for name, p in lora.named_parameters():
             if "lora_B" in name:  # a fresh LoRA is the identity (B = 0); make the adapter matter
@@ -295,13 +291,9 @@ class PatchDreamSim(Reward):
     ):
         super().__init__(weight=weight, device=device, dtype=dtype)
         if int(patch_size) < 1:
-            raise ValueError(
-                f"patch_dreamsim: patch_size must be a positive number of pixels, got {patch_size!r}"
-            )
+            raise ValueError(f"patch_dreamsim: patch_size must be a positive number of pixels, got {patch_size!r}")
         if compare_to not in ("target", "reference"):
-            raise ValueError(
-                f"patch_dreamsim: compare_to must be 'target' or 'reference', got {compare_to!r}"
-            )
+            raise ValueError(f"patch_dreamsim: compare_to must be 'target' or 'reference', got {compare_to!r}")
         if selection not in ("bbox", "grid", "both"):
             raise ValueError(f"patch_dreamsim: selection must be 'bbox', 'grid' or 'both', got {selection!r}")
         if aggregate not in ("mean", "area"):
@@ -405,9 +397,7 @@ class PatchDreamSim(Reward):
             values = 1.0 - dist[start : start + len(patches)]
             start += len(patches)
             scores[i] = float((values * weights).sum() / weights.sum())
-            maps[i] = splat_to_grid(
-                [p.owner for p in patches], values, x.shape[-2], x.shape[-1], self.patch_size
-            )
+            maps[i] = splat_to_grid([p.owner for p in patches], values, x.shape[-2], x.shape[-1], self.patch_size)
         return scores, maps
 
     def score(self, prompts: Sequence[str], completions: Sequence[Any], **columns) -> list[float | None]:

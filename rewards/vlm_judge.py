@@ -116,10 +116,14 @@ def check_template(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as err:
-        raise ValueError(f"vlm_judge: `template` is not a valid format string ({err}); write literal braces as {{{{ }}}}") from err
+        raise ValueError(
+            f"vlm_judge: `template` is not a valid format string ({err}); write literal braces as {{{{ }}}}"
+        ) from err
     for f in fields:
         if f.split(".")[0].split("[")[0] not in TEMPLATE_FIELDS:
-            raise ValueError(f"vlm_judge: `template` uses unknown placeholder {{{f}}}; known: {', '.join(TEMPLATE_FIELDS)}")
+            raise ValueError(
+                f"vlm_judge: `template` uses unknown placeholder {{{f}}}; known: {', '.join(TEMPLATE_FIELDS)}"
+            )
 
 
 def build_query(
@@ -155,7 +159,9 @@ def build_query(
 # -- P(Yes) ----------------------------------------------------------------------------------------
 
 
-def p_yes_from_logits(logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int], prob: str = "yes_no") -> torch.Tensor:
+def p_yes_from_logits(
+    logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int], prob: str = "yes_no"
+) -> torch.Tensor:
     """P(Yes) from the answer-position logits ``[B, V]`` (see the module docstring for both formulas)."""
     logits = logits.float()
     yes_ids, no_ids = list(yes_ids), list(no_ids)
@@ -168,7 +174,9 @@ def _norm_token(token: str) -> str:
     return token.replace("Ġ", " ").replace("▁", " ").strip()
 
 
-def p_yes_from_top_logprobs(top_logprobs: Sequence[dict], yes_words: Sequence[str], no_words: Sequence[str], prob: str = "yes_no") -> float | None:
+def p_yes_from_top_logprobs(
+    top_logprobs: Sequence[dict], yes_words: Sequence[str], no_words: Sequence[str], prob: str = "yes_no"
+) -> float | None:
     """P(Yes) from an OpenAI ``top_logprobs`` list (``[{"token": ..., "logprob": ...}, ...]``).
 
     ``None`` when neither Yes nor No is in the list. A word missing from the top-k counts as 0 (its true
@@ -252,8 +260,16 @@ class LocalVLM:
     Also served over HTTP by :mod:`refiner_rl.scoring.vlm_server`.
     """
 
-    def __init__(self, model_name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                 trust_remote_code: bool = False, min_pixels: int | None = None, max_pixels: int | None = None):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        trust_remote_code: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
@@ -269,8 +285,13 @@ class LocalVLM:
             # (min_pixels=/max_pixels= still work in transformers 5 but warn at every call).
             old = getattr(self.processor.image_processor, "size", None) or {}
             get = old.get if isinstance(old, dict) else lambda key: getattr(old, key, None)
-            size = {"shortest_edge": min_pixels or get("shortest_edge"), "longest_edge": max_pixels or get("longest_edge")}
-            self.processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, size=size)
+            size = {
+                "shortest_edge": min_pixels or get("shortest_edge"),
+                "longest_edge": max_pixels or get("longest_edge"),
+            }
+            self.processor = AutoProcessor.from_pretrained(
+                model_name_or_path, trust_remote_code=trust_remote_code, size=size
+            )
         self.tokenizer = self.processor.tokenizer
         # Left padding puts every chat's answer position at index -1.
         self.tokenizer.padding_side = "left"
@@ -303,7 +324,9 @@ class LocalVLM:
         return ids
 
     def encode(self, conversations: Sequence[list[dict]]):
-        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = [
+            self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+        ]
         images = [[p["image"] for m in c for p in m["content"] if p["type"] == "image"] for c in conversations]
         kwargs = {"images": images} if any(images) else {}
         return self.processor(text=texts, padding=True, return_tensors="pt", **kwargs).to(self.device)
@@ -316,7 +339,10 @@ class LocalVLM:
 
     def next_token_logits(self, conversations: Sequence[list[dict]], batch_size: int = 8) -> torch.Tensor:
         """:meth:`last_logits` of ``conversations``, ``batch_size`` chats per forward."""
-        out = [self.last_logits(self.encode(conversations[i : i + batch_size])) for i in range(0, len(conversations), batch_size)]
+        out = [
+            self.last_logits(self.encode(conversations[i : i + batch_size]))
+            for i in range(0, len(conversations), batch_size)
+        ]
         return torch.cat(out) if out else torch.empty(0, 0)
 
 
@@ -328,8 +354,17 @@ RETRY_STATUS = {408, 429}  # plus every 5xx
 class ChatClient:
     """A small OpenAI chat-completions client (stdlib only) with timeouts, retries and a thread pool."""
 
-    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 3, backoff: float = 1.0, max_concurrency: int = 8):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        max_concurrency: int = 8,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"vlm_judge: `base_url: {base_url}` must start with http:// or https://")
         root = base_url.rstrip("/")
@@ -391,12 +426,21 @@ class ChatClient:
         model = self.served_model()
         if model is None:
             return None
-        body = {"model": model, "messages": messages, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": n}
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": n,
+        }
         reply = self.request("/chat/completions", body)
         try:
             return reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"] if reply else None
         except (KeyError, IndexError, TypeError):
-            logger.warning("vlm_judge: %s/chat/completions reply has no choices[0].logprobs.content[0].top_logprobs", self.api_url)
+            logger.warning(
+                "vlm_judge: %s/chat/completions reply has no choices[0].logprobs.content[0].top_logprobs", self.api_url
+            )
             return None
 
     def map(self, fn, items: Sequence[Any]) -> list[Any]:
@@ -468,9 +512,13 @@ class VLMJudge(Reward):
         **base_kwargs,
     ):
         super().__init__(**base_kwargs)
-        choices = {"mode": (mode, ("pointwise", "pairwise")), "compare_to": (compare_to, ("draft", "reference")),
-                   "include_prompt": (include_prompt, ("auto", "always", "never")), "prob": (prob, ("yes_no", "softmax")),
-                   "backend": (backend, ("local", "server"))}
+        choices = {
+            "mode": (mode, ("pointwise", "pairwise")),
+            "compare_to": (compare_to, ("draft", "reference")),
+            "include_prompt": (include_prompt, ("auto", "always", "never")),
+            "prob": (prob, ("yes_no", "softmax")),
+            "backend": (backend, ("local", "server")),
+        }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"vlm_judge: `{key}: {value}` is not supported; use one of: {', '.join(allowed)}")
@@ -478,17 +526,25 @@ class VLMJudge(Reward):
         if not self.dimensions:
             raise ValueError("vlm_judge: `dimension` is empty; name at least one, e.g. detail_fidelity")
         if task not in TASKS and not task_description:
-            raise ValueError(f"vlm_judge: unknown `task: {task}`; known: {', '.join(TASKS)} (or set `task_description`)")
+            raise ValueError(
+                f"vlm_judge: unknown `task: {task}`; known: {', '.join(TASKS)} (or set `task_description`)"
+            )
         for dim in self.dimensions:
             if dim not in DIMENSIONS and not dimension_description:
-                raise ValueError(f"vlm_judge: unknown `dimension: {dim}`; known: {', '.join(DIMENSIONS)} (or set `dimension_description`)")
+                raise ValueError(
+                    f"vlm_judge: unknown `dimension: {dim}`; known: {', '.join(DIMENSIONS)} (or set `dimension_description`)"
+                )
         if template is not None:
             check_template(template)
         if both_orders and mode != "pairwise":
             raise ValueError("vlm_judge: `both_orders: true` swaps images A and B, so it needs `mode: pairwise`")
         self.mode, self.compare_to, self.both_orders = mode, compare_to, bool(both_orders)
         self.task, self.include_prompt, self.template = task, include_prompt, template
-        self.task_description, self.dimension_description, self.system_prompt = task_description, dimension_description, system_prompt
+        self.task_description, self.dimension_description, self.system_prompt = (
+            task_description,
+            dimension_description,
+            system_prompt,
+        )
         self.prob, self.yes_words, self.no_words = prob, list(yes_words), list(no_words)
         self.backend = backend
         self.required_fields = (compare_to,) if mode == "pairwise" else ()
@@ -499,21 +555,41 @@ class VLMJudge(Reward):
             dtype = torch_dtype or self.dtype
             if isinstance(dtype, str) and dtype != "auto":
                 if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                    raise ValueError(f"vlm_judge: `torch_dtype: {dtype}` is not a torch dtype; use auto, float32, bfloat16 or float16")
+                    raise ValueError(
+                        f"vlm_judge: `torch_dtype: {dtype}` is not a torch dtype; use auto, float32, bfloat16 or float16"
+                    )
                 dtype = getattr(torch, dtype)
-            self.vlm = LocalVLM.shared(model_name_or_path, device=self.device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                       min_pixels=min_pixels, max_pixels=max_pixels)
+            self.vlm = LocalVLM.shared(
+                model_name_or_path,
+                device=self.device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                min_pixels=min_pixels,
+                max_pixels=max_pixels,
+            )
             self.batch_size = int(batch_size)
-            self.yes_ids, self.no_ids = self.vlm.single_token_ids(self.yes_words), self.vlm.single_token_ids(self.no_words)
+            self.yes_ids, self.no_ids = (
+                self.vlm.single_token_ids(self.yes_words),
+                self.vlm.single_token_ids(self.no_words),
+            )
             if not self.yes_ids or not self.no_ids or set(self.yes_ids) & set(self.no_ids):
-                raise ValueError(f"vlm_judge: the tokenizer of {model_name_or_path} has no single-token id for some of "
-                                 f"yes_words={self.yes_words} / no_words={self.no_words} (or they overlap); set words it encodes as one token")
+                raise ValueError(
+                    f"vlm_judge: the tokenizer of {model_name_or_path} has no single-token id for some of "
+                    f"yes_words={self.yes_words} / no_words={self.no_words} (or they overlap); set words it encodes as one token"
+                )
         else:
             if not base_url:
                 raise ValueError("vlm_judge: `backend: server` needs `base_url`, e.g. http://localhost:8000/v1")
             self.top_logprobs_n = int(top_logprobs)
-            self.client = ChatClient(base_url, model=model, api_key=os.environ.get(api_key_env), timeout=timeout,
-                                     max_retries=max_retries, backoff=backoff, max_concurrency=max_concurrency)
+            self.client = ChatClient(
+                base_url,
+                model=model,
+                api_key=os.environ.get(api_key_env),
+                timeout=timeout,
+                max_retries=max_retries,
+                backoff=backoff,
+                max_concurrency=max_concurrency,
+            )
 
     def to(self, device: str | torch.device) -> VLMJudge:
         super().to(device)
@@ -524,16 +600,31 @@ class VLMJudge(Reward):
 
     # -- questions ----------------------------------------------------------------------------------
     def query(self, dimension: str, prompt: str = "") -> str:
-        return build_query(mode=self.mode, task=self.task, dimension=dimension, prompt=prompt, include_prompt=self.include_prompt,
-                           template=self.template, task_description=self.task_description,
-                           dimension_description=self.dimension_description)
+        return build_query(
+            mode=self.mode,
+            task=self.task,
+            dimension=dimension,
+            prompt=prompt,
+            include_prompt=self.include_prompt,
+            template=self.template,
+            task_description=self.task_description,
+            dimension_description=self.dimension_description,
+        )
 
     def conversations(self, prompt: str, sample: Any, other: Any = None) -> list[list[dict]]:
         """The chats asked for one sample: per dimension, (A, B) then, with ``both_orders``, (B, A)."""
         sample = to_pil(sample)
         other = to_pil(other) if self.mode == "pairwise" else None
-        orders = [[sample]] if other is None else ([[sample, other], [other, sample]] if self.both_orders else [[sample, other]])
-        return [build_conversation(self.query(dim, prompt), images, self.system_prompt) for dim in self.dimensions for images in orders]
+        orders = (
+            [[sample]]
+            if other is None
+            else ([[sample, other], [other, sample]] if self.both_orders else [[sample, other]])
+        )
+        return [
+            build_conversation(self.query(dim, prompt), images, self.system_prompt)
+            for dim in self.dimensions
+            for images in orders
+        ]
 
     def p_yes(self, conversations: Sequence[list[dict]]) -> list[float | None]:
         """P(Yes) of each chat from the configured backend; ``None`` where it failed."""
@@ -558,8 +649,10 @@ class VLMJudge(Reward):
         others: Sequence[Any] = [None] * len(completions)
         if self.mode == "pairwise":
             if columns.get(self.compare_to) is None:
-                raise ValueError(f"vlm_judge (mode: pairwise, compare_to: {self.compare_to}) needs the `{self.compare_to}` column; "
-                                 f"got: {', '.join(sorted(columns)) or 'none'}. Use `mode: pointwise` to judge the sample alone.")
+                raise ValueError(
+                    f"vlm_judge (mode: pairwise, compare_to: {self.compare_to}) needs the `{self.compare_to}` column; "
+                    f"got: {', '.join(sorted(columns)) or 'none'}. Use `mode: pointwise` to judge the sample alone."
+                )
             others = [column_value(columns, self.compare_to, i) for i in range(len(completions))]
         per_sample = len(self.dimensions) * (2 if self.both_orders else 1)
         chats: list[list[dict]] = []

@@ -39,10 +39,24 @@ def tiny_pipeline(transformer=None, **spec_overrides):
     from refiner_rl.policies.tiny import tiny_components
 
     c = tiny_components(**spec_overrides)
-    vae = AutoencoderKL(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=12, norm_num_groups=1,
-                        layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0, scaling_factor=1.0)  # fmt: skip
-    return FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=c["text_encoder"],
-                               tokenizer=c["tokenizer"], text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"],
-                               transformer=transformer or c["transformer"])  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(4, 4),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=12,
+        norm_num_groups=1,
+        layers_per_block=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    return FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=c["text_encoder"],
+        tokenizer=c["tokenizer"],
+        text_encoder_2=c["text_encoder_2"],
+        tokenizer_2=c["tokenizer_2"],
+        transformer=transformer or c["transformer"],
+    )

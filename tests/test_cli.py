@@ -14,7 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(args, cwd, timeout=900):
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "refiner_rl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "refiner_rl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_lists_commands(tmp_path):
@@ -42,7 +44,9 @@ def test_sft_cli_writes_state_and_a_transformer_the_pipeline_loads(tmp_path):
     from refiner_rl.configs import ModelArguments, build_policy
 
     out = tmp_path / "D"
-    r = run_cli(["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", str(out), *SMALL], tmp_path)
+    r = run_cli(
+        ["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", str(out), *SMALL], tmp_path
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     state = json.load(open(out / "trainer_state.json"))
     assert any("loss" in h for h in state["log_history"])
@@ -58,8 +62,20 @@ def test_sft_cli_lora_loads_into_the_pipeline(tmp_path):
     from refiner_rl.configs import ModelArguments, build_policy
 
     out = tmp_path / "D"
-    r = run_cli(["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", str(out), *SMALL, *LORA,
-                 "--report_to", "none"], tmp_path)  # fmt: skip
+    r = run_cli(
+        [
+            "sft",
+            "--config",
+            os.path.join(ROOT, "recipes/tiny/sft.yaml"),
+            "--output_dir",
+            str(out),
+            *SMALL,
+            *LORA,
+            "--report_to",
+            "none",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     pipe = tiny_pipeline()
@@ -69,30 +85,92 @@ def test_sft_cli_lora_loads_into_the_pipeline(tmp_path):
     # the pipeline itself runs with the adapter (2 steps, tiny)
     from PIL import Image
 
-    img = pipe(image=Image.new("RGB", (32, 32)), prompt="restore", num_inference_steps=2, height=32, width=32,
-               guidance_scale=1.0, max_sequence_length=32, output_type="pt", max_area=32 * 32, _auto_resize=False).images  # fmt: skip
+    img = pipe(
+        image=Image.new("RGB", (32, 32)),
+        prompt="restore",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        guidance_scale=1.0,
+        max_sequence_length=32,
+        output_type="pt",
+        max_area=32 * 32,
+        _auto_resize=False,
+    ).images
     assert img.shape[-2:] == (32, 32)
 
 
 def test_grpo_cli_runs_the_tiny_recipe_from_the_sft_output(tmp_path):
     """The README's two tiny stages, as a user types them (shortened): GRPO reads the SFT transformer."""
-    r = run_cli(["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", "outputs/tiny-sft", *SMALL,
-                 "--report_to", "none"], tmp_path)  # fmt: skip
+    r = run_cli(
+        [
+            "sft",
+            "--config",
+            os.path.join(ROOT, "recipes/tiny/sft.yaml"),
+            "--output_dir",
+            "outputs/tiny-sft",
+            *SMALL,
+            "--report_to",
+            "none",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "G"
-    r = run_cli(["grpo", "--config", os.path.join(ROOT, "recipes/tiny/grpo.yaml"), "--output_dir", str(out),
-                 "--max_steps", "2", "--logging_steps", "1", "--synthetic_records", "8", "--per_device_train_batch_size", "8",
-                 "--num_generations", "4", "--beta", "0.01", "--report_to", "none"], tmp_path)  # fmt: skip
+    r = run_cli(
+        [
+            "grpo",
+            "--config",
+            os.path.join(ROOT, "recipes/tiny/grpo.yaml"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--synthetic_records",
+            "8",
+            "--per_device_train_batch_size",
+            "8",
+            "--num_generations",
+            "4",
+            "--beta",
+            "0.01",
+            "--report_to",
+            "none",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     logs = [h for h in json.load(open(out / "trainer_state.json"))["log_history"] if "reward" in h]
     assert len(logs) == 2
-    for name in ("reward", "reward_std", "rewards/masked_pixel/mean", "rewards/masked_pixel/std", "frac_reward_zero_std",
-                 "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio"):  # fmt: skip
+    for name in (
+        "reward",
+        "reward_std",
+        "rewards/masked_pixel/mean",
+        "rewards/masked_pixel/std",
+        "frac_reward_zero_std",
+        "kl",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "ratio",
+    ):
         assert name in logs[0], name
     assert logs[0]["kl"] == 0.0 < logs[1]["kl"], "step 1 starts at the SFT policy (the reference), step 2 has moved"
     assert (out / "pytorch_lora_weights.safetensors").is_file()
-    r = run_cli(["grpo", "--config", os.path.join(ROOT, "recipes/tiny/grpo.yaml"), "--output_dir", str(out),
-                 "--transformer_path", str(tmp_path / "missing")], tmp_path)  # fmt: skip
+    r = run_cli(
+        [
+            "grpo",
+            "--config",
+            os.path.join(ROOT, "recipes/tiny/grpo.yaml"),
+            "--output_dir",
+            str(out),
+            "--transformer_path",
+            str(tmp_path / "missing"),
+        ],
+        tmp_path,
+    )
     assert r.returncode != 0 and "missing" in r.stderr + r.stdout
 
 
@@ -101,7 +179,19 @@ def test_bad_recipe_key_and_bad_data_fail_clearly(tmp_path):
     bad.write_text("model_name_or_path: tiny\nlearning_rat: 0.1\n")
     r = run_cli(["sft", "--config", str(bad), "--output_dir", str(tmp_path / "o")], tmp_path)
     assert r.returncode != 0 and "learning_rat" in (r.stderr + r.stdout)
-    (tmp_path / "records.jsonl").write_text('{"prompt": "x", "draft": "missing.png", "reference": "missing.png", "target": "t.png"}\n')
-    r = run_cli(["sft", "--config", os.path.join(ROOT, "recipes/tiny/sft.yaml"), "--output_dir", str(tmp_path / "o"),
-                 "--dataset", str(tmp_path / "records.jsonl")], tmp_path)  # fmt: skip
+    (tmp_path / "records.jsonl").write_text(
+        '{"prompt": "x", "draft": "missing.png", "reference": "missing.png", "target": "t.png"}\n'
+    )
+    r = run_cli(
+        [
+            "sft",
+            "--config",
+            os.path.join(ROOT, "recipes/tiny/sft.yaml"),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--dataset",
+            str(tmp_path / "records.jsonl"),
+        ],
+        tmp_path,
+    )
     assert r.returncode != 0 and "record 0, field 'draft': file not found" in (r.stderr + r.stdout)

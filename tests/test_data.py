@@ -40,8 +40,9 @@ def test_parquet_with_image_bytes(tmp_path):
         table["prompt"].append(r["prompt"])
         for k in ("draft", "reference", "target", "mask"):
             table[k].append({"bytes": open(tmp_path / r[k], "rb").read(), "path": None})
-    feats = datasets.Features({"prompt": datasets.Value("string"),
-                               **{k: datasets.Image() for k in ("draft", "reference", "target", "mask")}})  # fmt: skip
+    feats = datasets.Features(
+        {"prompt": datasets.Value("string"), **{k: datasets.Image() for k in ("draft", "reference", "target", "mask")}}
+    )
     datasets.Dataset.from_dict(table, features=feats).to_parquet(str(tmp_path / "t.parquet"))
     ds = TripletDataset.from_source(str(tmp_path / "t.parquet"), multiple=4)
     assert len(ds) == 3 and ds[1]["reference"].shape == (3, 32, 32)

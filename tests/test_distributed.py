@@ -66,13 +66,38 @@ def launch(stage: str, mode: str, out, *overrides: str, timeout: int = 600) -> N
     """Run ``refiner_rl <stage>`` on 1 process (``mode='1p'``) or 2 under a shipped accelerate config."""
     n = 1 if mode == "1p" else 2
     recipe = SFT_RECIPE if stage == "sft" else GRPO_RECIPE
-    args = [stage, "--config", recipe, "--output_dir", str(out), "--per_device_train_batch_size", str(GLOBAL_BATCH // n),
-            "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *overrides]  # fmt: skip
+    args = [
+        stage,
+        "--config",
+        recipe,
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        str(GLOBAL_BATCH // n),
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+        *overrides,
+    ]
     if mode == "1p":
         cmd = [sys.executable, "-m", "refiner_rl", *args]
     else:
-        cmd = [*_accelerate(), "launch", "--config_file", os.path.join(ACC, MODES[mode]), "--num_processes", "2",
-               "--main_process_port", str(_free_port()), "-m", "refiner_rl", *args]  # fmt: skip
+        cmd = [
+            *_accelerate(),
+            "launch",
+            "--config_file",
+            os.path.join(ACC, MODES[mode]),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "refiner_rl",
+            *args,
+        ]
     for attempt in (1, 2):
         rc, log = _run(cmd, timeout)
         if rc == 0:
@@ -86,8 +111,9 @@ def launch(stage: str, mode: str, out, *overrides: str, timeout: int = 600) -> N
 
 def _run(cmd: list[str], timeout: int) -> tuple[int, str]:
     # Own process group, so a timeout also ends the ranks the launcher started.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -135,10 +161,28 @@ def assert_same_logs(a, b, rel=(), absolute=None):
 # The tiny SFT recipe fine-tunes the whole transformer; these runs train a LoRA of the GRPO recipe's shape, which
 # the GRPO runs then start from (over the random tiny editor).
 _LORA = {k: yaml.safe_load(_read(GRPO_RECIPE))[k] for k in ("lora_r", "lora_alpha", "lora_target_modules")}
-SFT_ARGS = ("--max_steps", "3", "--synthetic_records", "32", "--logging_steps", "1", "--warmup_steps", "0",
-            "--learning_rate", "1e-3", "--dataloader_num_workers", "0", "--use_lora", "true",
-            "--lora_r", str(_LORA["lora_r"]), "--lora_alpha", str(_LORA["lora_alpha"]),
-            "--lora_target_modules", *_LORA["lora_target_modules"])  # fmt: skip
+SFT_ARGS = (
+    "--max_steps",
+    "3",
+    "--synthetic_records",
+    "32",
+    "--logging_steps",
+    "1",
+    "--warmup_steps",
+    "0",
+    "--learning_rate",
+    "1e-3",
+    "--dataloader_num_workers",
+    "0",
+    "--use_lora",
+    "true",
+    "--lora_r",
+    str(_LORA["lora_r"]),
+    "--lora_alpha",
+    str(_LORA["lora_alpha"]),
+    "--lora_target_modules",
+    *_LORA["lora_target_modules"],
+)
 
 
 def _grpo_args(init_lora: str) -> tuple[str, ...]:
@@ -146,16 +190,55 @@ def _grpo_args(init_lora: str) -> tuple[str, ...]:
     Flags given after these win (argparse keeps the last)."""
     recipe = yaml.safe_load(_read(GRPO_RECIPE))
     # TRL refuses generation_batch_size and steps_per_generation together: pin whichever the recipe uses.
-    gen = ("--generation_batch_size", str(GLOBAL_BATCH)) if recipe.get("generation_batch_size") else ("--steps_per_generation", "1")
-    return (*gen, "--num_generations", str(GLOBAL_BATCH), "--num_iterations", "1", "--gradient_accumulation_steps", "1",
-            "--max_steps", "2", "--logging_steps", "1", "--synthetic_records", "16", "--num_inference_steps", "4",
-            "--sde_window_size", "2", "--sde_window_mode", "fixed", "--sde_window_start", "0", "--beta", "0.01",
-            "--learning_rate", "1e-3", "--ema_decay", "0.5", "--save_strategy", "no", "--eval_strategy", "no",
-            "--log_samples", "false", "--init_lora_path", init_lora, "--transformer_path", "",
-            # Adam's default eps (1e-8) turns float round-off on coordinates whose gradient is ~1e-8 into weight
-            # differences of ~1e-5 (measured 1.5e-5 for ZeRO-3 with the per-token advantages of the tiny recipe;
-            # ZeRO-3 reruns are bit-identical). With eps 1e-6 the same comparison gives 2.5e-7.
-            "--adam_epsilon", "1e-6")  # fmt: skip
+    gen = (
+        ("--generation_batch_size", str(GLOBAL_BATCH))
+        if recipe.get("generation_batch_size")
+        else ("--steps_per_generation", "1")
+    )
+    return (
+        *gen,
+        "--num_generations",
+        str(GLOBAL_BATCH),
+        "--num_iterations",
+        "1",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--synthetic_records",
+        "16",
+        "--num_inference_steps",
+        "4",
+        "--sde_window_size",
+        "2",
+        "--sde_window_mode",
+        "fixed",
+        "--sde_window_start",
+        "0",
+        "--beta",
+        "0.01",
+        "--learning_rate",
+        "1e-3",
+        "--ema_decay",
+        "0.5",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--log_samples",
+        "false",
+        "--init_lora_path",
+        init_lora,
+        "--transformer_path",
+        "",
+        # Adam's default eps (1e-8) turns float round-off on coordinates whose gradient is ~1e-8 into weight
+        # differences of ~1e-5 (measured 1.5e-5 for ZeRO-3 with the per-token advantages of the tiny recipe;
+        # ZeRO-3 reruns are bit-identical). With eps 1e-6 the same comparison gives 2.5e-7.
+        "--adam_epsilon",
+        "1e-6",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +251,18 @@ def runs(tmp_path_factory):
         if key not in done:
             out = root / f"{stage}-{mode}"
             if stage == "sft":
-                extra = ("--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "3") if mode == "zero3" else ("--save_strategy", "no")
+                extra = (
+                    ("--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "3")
+                    if mode == "zero3"
+                    else ("--save_strategy", "no")
+                )
                 launch("sft", mode, out, *SFT_ARGS, *extra)
             else:
-                extra = ("--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "3") if mode == "zero3" else ()
+                extra = (
+                    ("--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "3")
+                    if mode == "zero3"
+                    else ()
+                )
                 launch("grpo", mode, out, *_grpo_args(str(get("sft", "1p"))), *extra)
             done[key] = out
         return done[key]
@@ -209,8 +300,22 @@ def test_full_finetuning_under_zero3_saves_the_diffusers_transformer_of_one_proc
     from diffusers import FluxTransformer2DModel
 
     root = runs("sft", "1p").parent
-    full = ("--use_lora", "false", "--max_steps", "2", "--synthetic_records", "32", "--logging_steps", "1",
-            "--warmup_steps", "0", "--learning_rate", "1e-4", "--save_strategy", "no")  # fmt: skip
+    full = (
+        "--use_lora",
+        "false",
+        "--max_steps",
+        "2",
+        "--synthetic_records",
+        "32",
+        "--logging_steps",
+        "1",
+        "--warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-4",
+        "--save_strategy",
+        "no",
+    )
     launch("sft", "1p", root / "full-1p", *full)
     launch("sft", "zero3", root / "full-zero3", *full)
     assert_same_logs(root / "full-1p", root / "full-zero3", rel=("grad_norm",), absolute={"loss": LOSS_ATOL})
@@ -227,8 +332,15 @@ def test_a_deepspeed_checkpoint_resumed_without_deepspeed_fails_clearly(runs, tm
     from tests.helpers import synthetic_dataset
 
     policy = build_policy(ModelArguments(**_LORA))
-    args = FlowSFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to="none",
-                         use_cpu=True, save_strategy="no", disable_tqdm=True)  # fmt: skip
+    args = FlowSFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = FlowSFTTrainer(policy, args, synthetic_dataset(32))
     with pytest.raises(ValueError, match="written under DeepSpeed"):
         trainer.train(resume_from_checkpoint=str(runs("sft", "zero3") / "checkpoint-2"))
@@ -246,7 +358,9 @@ def test_zero3_lora_loads_into_the_pipeline_like_one_process(runs):
     torch.manual_seed(0)
     cond = policy.encode_conditions(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32), prompts=["a", "b"])
     x, s = torch.randn(2, 64, 48), torch.tensor([0.3, 0.8])
-    assert torch.allclose(policy.velocity(x, s, cond, transformer=pipe.transformer), policy.velocity(x, s, cond), atol=1e-4)
+    assert torch.allclose(
+        policy.velocity(x, s, cond, transformer=pipe.transformer), policy.velocity(x, s, cond), atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -278,9 +392,11 @@ def test_deepspeed_auto_values_are_filled_from_the_flux_width(tmp_path):
         with pytest.raises(ValueError, match="hidden_size"):
             cfg.trainer_config_finalize(args, model, 10)
         filled = fill_deepspeed_auto_values(cfg, model)
-        assert filled == {"zero_optimization.reduce_bucket_size": 32 * 32,
-                          "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * 32 * 32),
-                          "zero_optimization.stage3_param_persistence_threshold": 10 * 32}  # fmt: skip
+        assert filled == {
+            "zero_optimization.reduce_bucket_size": 32 * 32,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * 32 * 32),
+            "zero_optimization.stage3_param_persistence_threshold": 10 * 32,
+        }
         cfg.trainer_config_finalize(args, model, 10)  # no longer raises
         assert cfg.get_value("zero_optimization.reduce_bucket_size") == 1024
         assert cfg.get_value("train_micro_batch_size_per_gpu") == args.per_device_train_batch_size
@@ -289,14 +405,20 @@ def test_deepspeed_auto_values_are_filled_from_the_flux_width(tmp_path):
 
 
 def test_frozen_models_are_built_outside_zero3_init():
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
 
     from refiner_rl.distributed import frozen_model_context
 
     with open(os.path.join(ACC, "deepspeed", "zero3.json")) as f:
         raw = json.load(f)
     try:
-        keep = HfDeepSpeedConfig({**raw, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1})
+        keep = HfDeepSpeedConfig(
+            {**raw, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1}
+        )
         assert is_deepspeed_zero3_enabled()  # transformers would now build every from_pretrained model partitioned
         with frozen_model_context():
             assert not is_deepspeed_zero3_enabled()
@@ -317,8 +439,10 @@ def test_per_sample_noise_does_not_depend_on_the_batch_split():
     halves = torch.cat([randn((4, 16, 4), gens(0, 4), "cpu"), randn((4, 16, 4), gens(4, 8), "cpu")])
     assert torch.equal(whole, halves)
     assert not torch.equal(whole[0], whole[1])
-    assert torch.equal(randn((2, 3), [keyed_generator(1, 2), keyed_generator(1, 3)], "cpu")[0],
-                       torch.randn(3, generator=keyed_generator(1, 2)))  # fmt: skip
+    assert torch.equal(
+        randn((2, 3), [keyed_generator(1, 2), keyed_generator(1, 3)], "cpu")[0],
+        torch.randn(3, generator=keyed_generator(1, 2)),
+    )
     assert occurrence_keys(torch.tensor([5, 2, 5, 5])) == [(5, 0), (2, 0), (5, 1), (5, 2)]
 
 

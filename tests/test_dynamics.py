@@ -30,9 +30,7 @@ KONTEXT = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1
 
 def kontext_scheduler(num_steps, seq_len):
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, max_image_seq_len=4096, **KONTEXT)
-    scheduler.set_timesteps(
-        sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=kontext_calculate_shift(seq_len)
-    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=kontext_calculate_shift(seq_len))
     return scheduler
 
 
@@ -73,13 +71,9 @@ def test_schedule_errors_name_the_argument():
 def test_training_sigmas_are_diffusers_draws(scheme):
     kwargs = dict(logit_mean=0.3, logit_std=1.2, mode_scale=1.29)
     ours = sample_training_sigmas(64, scheme, generator=torch.Generator().manual_seed(3), **kwargs)
-    ref = compute_density_for_timestep_sampling(
-        scheme, 64, generator=torch.Generator().manual_seed(3), **kwargs
-    )
+    ref = compute_density_for_timestep_sampling(scheme, 64, generator=torch.Generator().manual_seed(3), **kwargs)
     assert torch.equal(ours, ref) and bool(((ours >= 0) & (ours <= 1)).all())
-    shifted = sample_training_sigmas(
-        64, scheme, generator=torch.Generator().manual_seed(3), shift=3.0, **kwargs
-    )
+    shifted = sample_training_sigmas(64, scheme, generator=torch.Generator().manual_seed(3), shift=3.0, **kwargs)
     assert torch.allclose(shifted, 3 * ref / (1 + 2 * ref))
 
 
@@ -117,9 +111,7 @@ def test_ode_step_equals_the_scheduler_step(as_float):
     )
     out = ode_step(x, v, torch.tensor(s), torch.tensor(s_next))
     assert out.dtype == torch.float32
-    assert all(
-        torch.equal(out[b], ode_step(x[b : b + 1], v[b : b + 1], s[b], s_next[b])[0]) for b in range(3)
-    )
+    assert all(torch.equal(out[b], ode_step(x[b : b + 1], v[b : b + 1], s[b], s_next[b])[0]) for b in range(3))
 
 
 def test_each_rule_on_one_element_by_hand():
@@ -185,23 +177,17 @@ def test_log_prob_and_kl_by_hand_on_a_token_grid():
     kl, kl_tokens = kl_same_std(x_next, mean, 0.5)
     sq = [[0.25, 0.25, 0.25], [1.0, 0.0, 1.0]]  # (x' - mu)^2; 2 std^2 = 0.5
     for n in range(2):
-        assert lp_tokens[0, n].item() == pytest.approx(
-            sum(-d / 0.5 for d in sq[n]) / 3 - math.log(0.5) - LOG_SQRT_2PI
-        )
+        assert lp_tokens[0, n].item() == pytest.approx(sum(-d / 0.5 for d in sq[n]) / 3 - math.log(0.5) - LOG_SQRT_2PI)
         assert kl_tokens[0, n].item() == pytest.approx(sum(d / 0.5 for d in sq[n]) / 3)
     assert lp.item() == pytest.approx(-(0.75 + 2.0) / 0.5 / 6 - math.log(0.5) - LOG_SQRT_2PI)
     assert kl.item() == pytest.approx((0.75 + 2.0) / 0.5 / 6)
     normal = torch.distributions.Normal  # the exact Gaussian KL, averaged over latent dims
-    assert kl.item() == pytest.approx(
-        torch.distributions.kl_divergence(normal(x_next, 0.5), normal(mean, 0.5)).mean()
-    )
+    assert kl.item() == pytest.approx(torch.distributions.kl_divergence(normal(x_next, 0.5), normal(mean, 0.5)).mean())
     # Any [B, ...]: tokens reduce the last dim, the scalar is the mean over all latent dims.
     x_next, mean, std = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.tensor([0.3, 0.7])
     lp, lp_tokens = log_prob(x_next, mean, std)
     assert lp_tokens.shape == (2, 3, 4)
-    assert torch.allclose(
-        lp, normal(mean, std.view(2, 1, 1, 1)).log_prob(x_next).flatten(1).mean(1), atol=1e-5
-    )
+    assert torch.allclose(lp, normal(mean, std.view(2, 1, 1, 1)).log_prob(x_next).flatten(1).mean(1), atol=1e-5)
 
 
 def test_bad_step_inputs_are_explained():
@@ -279,9 +265,7 @@ def propagate_moments(rule, noise_level, sigmas, flip_correction=False):
     return out
 
 
-@pytest.mark.parametrize(
-    "rule,noise_level", [("flow_sde", 0.9), ("flow_sde", 0.7), ("dance", 1.0), ("dance", 0.3)]
-)
+@pytest.mark.parametrize("rule,noise_level", [("flow_sde", 0.9), ("flow_sde", 0.7), ("dance", 1.0), ("dance", 0.3)])
 def test_one_sde_step_keeps_gaussian_marginals_to_second_order(rule, noise_level):
     # From the exact marginal at s = 0.6, one Euler-Maruyama step's variance error is O(dt^2) with the right
     # drift (a quarter when dt halves) and O(dt) with the score term's sign flipped (a half).
@@ -325,9 +309,7 @@ def test_fixed_and_sliding_windows():
     slide = [sde_window(6, 2, mode="sliding", iteration=k)[0] for k in range(8)]
     assert slide == [0, 1, 2, 3, 0, 1, 2, 3]  # max_start = 6 - 1 - 2 = 3
     assert [sde_window(10, 2, mode="sliding", iteration=k, stride=3)[0] for k in range(4)] == [0, 3, 6, 0]
-    slide = [
-        sde_window(10, 1, start=2, mode="sliding", iteration=k, stride=2, max_start=5)[0] for k in range(4)
-    ]
+    slide = [sde_window(10, 1, start=2, mode="sliding", iteration=k, stride=2, max_start=5)[0] for k in range(4)]
     assert slide == [2, 4, 2, 4]
     schedule = WindowSchedule(num_steps=10, size=2, mode="sliding", stride=2)
     assert [schedule.steps(k) for k in range(5)] == [[0, 1], [2, 3], [4, 5], [6, 7], [0, 1]]
@@ -341,18 +323,14 @@ def test_random_window_is_seeded_and_covers_its_range():
     assert draws(0) == draws(0) and draws(0) != draws(1) and set(draws(0)) == set(range(6))
     assert set(draws(0, start=1, max_start=3)) == {1, 2, 3}
     schedule = WindowSchedule(num_steps=10, size=3, mode="random")
-    assert schedule.steps(0, torch.Generator().manual_seed(4)) == schedule.steps(
-        5, torch.Generator().manual_seed(4)
-    )
+    assert schedule.steps(0, torch.Generator().manual_seed(4)) == schedule.steps(5, torch.Generator().manual_seed(4))
 
 
 @pytest.mark.parametrize("mode", ["fixed", "sliding", "random"])
 def test_last_step_is_never_in_the_window(mode):
     for num_steps, k in np.ndindex(12, 14):
         for size in range(1, num_steps):
-            steps = sde_window(
-                num_steps, size, mode=mode, iteration=k, generator=torch.Generator().manual_seed(k)
-            )
+            steps = sde_window(num_steps, size, mode=mode, iteration=k, generator=torch.Generator().manual_seed(k))
             assert len(steps) == size and 0 <= steps[0] and steps[-1] < num_steps - 1
 
 

@@ -18,10 +18,22 @@ def _trainer(tmp_path, lora: bool, **kw) -> FlowGRPOTrainer:
     policy = small_policy(lora=lora)
     if lora:
         perturb_lora(policy)  # LoRA B starts at 0: without this the adapter would not take part
-    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, steps_per_generation=2,
-                num_generations=2, num_inference_steps=4, sde_window_size=2, beta=0.01, report_to="none",
-                use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
-                rewards=[{"name": "masked_pixel", "weight": 1.0}])  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        steps_per_generation=2,
+        num_generations=2,
+        num_inference_steps=4,
+        sde_window_size=2,
+        beta=0.01,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        rewards=[{"name": "masked_pixel", "weight": 1.0}],
+    )
     args = FlowGRPOConfig(**{**base, **kw})
     return FlowGRPOTrainer(policy, args, build_rewards(args.rewards), synthetic_dataset(4, size=16))
 
@@ -67,8 +79,15 @@ def test_ratio_is_one_before_the_first_update(tmp_path, sde_type, lora, cfg):
 
 def test_ratio_is_one_with_a_rollout_batch_larger_than_the_training_micro_batch(tmp_path):
     # Rollout runs the 4 samples in one forward, training recomputes them 2 by 2 (sliding window, independent noise).
-    trainer = _trainer(tmp_path, True, rollout_batch_size=4, sde_window_mode="sliding", sde_window_size=1, true_cfg_scale=2.0,
-                       shared_initial_noise=False)
+    trainer = _trainer(
+        tmp_path,
+        True,
+        rollout_batch_size=4,
+        sde_window_mode="sliding",
+        sde_window_size=1,
+        true_cfg_scale=2.0,
+        shared_initial_noise=False,
+    )
     _check_micro_batches(trainer)
 
 
@@ -123,4 +142,6 @@ def test_a_coarse_rollout_tail_keeps_the_window_and_saves_forwards(tmp_path):
         assert torch.equal(full_inputs[key], tail_inputs[key]), key
     lp, _ = tail.recompute_log_probs(tail.model, tail_inputs)
     assert (torch.exp(lp - tail_inputs["old_log_probs"]) - 1).abs().max().item() < 1e-5
-    assert not torch.equal(full._last_samples["scores"], tail._last_samples["scores"]), "the reward sees the coarser finish"
+    assert not torch.equal(full._last_samples["scores"], tail._last_samples["scores"]), (
+        "the reward sees the coarser finish"
+    )

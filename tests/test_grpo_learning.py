@@ -24,12 +24,13 @@ SIZE = 16
 DINO_SIZE = 56  # 4 x 4 DINOv2 patches of 14 px: its map lies on the 4 x 4 token grid of a 16 px image
 
 
-
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model
 
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=DINO_SIZE, patch_size=14)
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=DINO_SIZE, patch_size=14
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("dinov2_tiny")
     Dinov2Model(cfg).save_pretrained(path)
@@ -39,14 +40,36 @@ def dino_dir(tmp_path_factory):
 def _run(tmp_path, dino_dir: str, sign: float, steps: int) -> dict:
     rewards = [
         {"name": "masked_pixel", "weight": sign * 1.0, "patch_size": 4},
-        {"name": "dino_similarity", "weight": sign * 0.1, "model_name_or_path": dino_dir, "image_size": DINO_SIZE, "region": "full"},
-    ]  # fmt: skip
+        {
+            "name": "dino_similarity",
+            "weight": sign * 0.1,
+            "model_name_or_path": dino_dir,
+            "image_size": DINO_SIZE,
+            "region": "full",
+        },
+    ]
     args = FlowGRPOConfig(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16, num_generations=8,
-        num_inference_steps=4, sde_window_size=2, start_sigma=0.6, paste_back=True, shared_initial_noise=True,
-        spatial_advantage_mix=1.0, learning_rate=3e-3, lr_scheduler_type="linear", beta=0.0,
-        rewards=rewards, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        num_generations=8,
+        num_inference_steps=4,
+        sde_window_size=2,
+        start_sigma=0.6,
+        paste_back=True,
+        shared_initial_noise=True,
+        spatial_advantage_mix=1.0,
+        learning_rate=3e-3,
+        lr_scheduler_type="linear",
+        beta=0.0,
+        rewards=rewards,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     train = TripletDataset(synthetic_records(64, seed=0, size=SIZE), None, multiple=4)
     held_out = TripletDataset(synthetic_records(16, seed=1, size=SIZE), None, multiple=4)
     trainer = FlowGRPOTrainer(small_policy(), args, build_rewards(rewards), train, eval_dataset=held_out)

@@ -48,16 +48,30 @@ def test_kl_convention_is_the_exact_gaussian_kl_mean_over_dims():
     # (mu_a - mu_b)^2 / (2 std^2) = [[0.25, 0], [1, 1]] / 0.5 = [[0.5, 0], [2, 2]]; mean over C then N
     assert kl_tok.tolist() == [[0.25, 2.0]]
     assert kl.item() == pytest.approx(1.125)
-    exact = torch.distributions.kl_divergence(torch.distributions.Normal(mu_a, std), torch.distributions.Normal(mu_b, std))
+    exact = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu_a, std), torch.distributions.Normal(mu_b, std)
+    )
     assert kl.item() == pytest.approx(exact.mean().item(), rel=1e-6)
 
 
 def _trainer(tmp_path, **kw) -> FlowGRPOTrainer:
     policy = small_policy(lora=True)
     perturb_lora(policy, scale=0.05)
-    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=2,
-                num_inference_steps=4, sde_window_size=2, beta=0.0, report_to="none", use_cpu=True,
-                disable_tqdm=True, save_strategy="no", seed=0, rewards=[{"name": "masked_pixel"}])  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        num_inference_steps=4,
+        sde_window_size=2,
+        beta=0.0,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        rewards=[{"name": "masked_pixel"}],
+    )
     args = FlowGRPOConfig(**{**base, **kw})
     return FlowGRPOTrainer(policy, args, build_rewards(args.rewards), synthetic_dataset(4, size=16))
 
@@ -104,5 +118,8 @@ def test_one_sgd_step_raises_the_log_prob_of_positive_advantage_samples(tmp_path
     delta = (after - before).sum(dim=1)  # summed over the trained steps
     assert (delta[adv > 0] > 0).all() and (delta[adv < 0] < 0).all(), delta
     # and the loss fell: -mean(A r) is lower after the step
-    assert -(adv * torch.exp(after - inputs["old_log_probs"]).mean(1)).mean() < -(adv * torch.exp(before - inputs["old_log_probs"]).mean(1)).mean()
+    assert (
+        -(adv * torch.exp(after - inputs["old_log_probs"]).mean(1)).mean()
+        < -(adv * torch.exp(before - inputs["old_log_probs"]).mean(1)).mean()
+    )
     assert not math.isnan(delta.sum().item())

@@ -28,13 +28,27 @@ class RecordingTrainer(FlowGRPOTrainer):
 
 def _trainer(out_dir) -> FlowGRPOTrainer:
     args = FlowGRPOConfig(
-        output_dir=str(out_dir), max_steps=2 * N, save_strategy="steps", save_steps=N, logging_steps=1,
-        per_device_train_batch_size=2, steps_per_generation=2, num_generations=2,  # one rollout, two updates
-        num_inference_steps=4, sde_window_size=1, sde_window_mode="sliding",  # windows 0, 1, 2, 0, ...
-        learning_rate=3e-3, beta=0.05, epsilon=1e-3, ema_decay=0.5, seed=0,
-        report_to="none", use_cpu=True, disable_tqdm=True,
+        output_dir=str(out_dir),
+        max_steps=2 * N,
+        save_strategy="steps",
+        save_steps=N,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        steps_per_generation=2,
+        num_generations=2,  # one rollout, two updates
+        num_inference_steps=4,
+        sde_window_size=1,
+        sde_window_mode="sliding",  # windows 0, 1, 2, 0, ...
+        learning_rate=3e-3,
+        beta=0.05,
+        epsilon=1e-3,
+        ema_decay=0.5,
+        seed=0,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
         rewards=[{"name": "masked_pixel", "weight": 1.0}, {"name": "masked_pixel", "region": "outside", "weight": 0.5}],
-    )  # fmt: skip
+    )
     return RecordingTrainer(small_policy(lora=True), args, build_rewards(args.rewards), synthetic_dataset(4, size=16))
 
 
@@ -48,8 +62,15 @@ def test_resume_continues_exactly(tmp_path):
     ckpts = sorted(os.listdir(tmp_path / "full"))
     assert ckpts == [f"checkpoint-{N}", f"checkpoint-{2 * N}"], ckpts  # no leftover .tmp-* folder
     ck = tmp_path / "full" / f"checkpoint-{N}"
-    for f in ("pytorch_lora_weights.safetensors", EMA_FILE, f"{EMA_DIR}/pytorch_lora_weights.safetensors",
-              "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):  # fmt: skip
+    for f in (
+        "pytorch_lora_weights.safetensors",
+        EMA_FILE,
+        f"{EMA_DIR}/pytorch_lora_weights.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+    ):
         assert (ck / f).is_file(), f
     assert not [f for f in os.listdir(ck) if f.endswith(".tmp")]
     assert [w for _, w in full.windows] == [(0,), (1,), (2,), (0,)]  # sliding window, one rollout per 2 steps
@@ -60,8 +81,20 @@ def test_resume_continues_exactly(tmp_path):
 
     a, b = _logs(full)[N:], _logs(resumed)[N:]  # the resumed history starts with the checkpoint's
     assert len(a) == len(b) == N and [h["step"] for h in b] == [h["step"] for h in a] == list(range(N + 1, 2 * N + 1))
-    keys = ["loss", "reward", "reward_std", "rewards/masked_pixel/mean", "rewards/masked_pixel_2/mean", "kl", "ratio",
-            "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "grad_norm", "learning_rate"]  # fmt: skip
+    keys = [
+        "loss",
+        "reward",
+        "reward_std",
+        "rewards/masked_pixel/mean",
+        "rewards/masked_pixel_2/mean",
+        "kl",
+        "ratio",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "grad_norm",
+        "learning_rate",
+    ]
     for ha, hb in zip(a, b):
         assert ha.keys() == hb.keys()
         for k in [k for k in keys if k in ha]:  # reward metrics come with the rollout's first update

@@ -34,10 +34,23 @@ class LeftHalfPixel(MaskedPixel):
 def _trainer(tmp_path, reward, mix: float, **kw) -> FlowGRPOTrainer:
     policy = small_policy(lora=True)
     perturb_lora(policy)
-    args = FlowGRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4,
-                          num_inference_steps=4, sde_window_size=2, beta=0.0, spatial_advantage_mix=mix,
-                          report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
-                          rewards=[{"name": "masked_pixel"}], **kw)  # fmt: skip
+    args = FlowGRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        num_inference_steps=4,
+        sde_window_size=2,
+        beta=0.0,
+        spatial_advantage_mix=mix,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        rewards=[{"name": "masked_pixel"}],
+        **kw,
+    )
     return FlowGRPOTrainer(policy, args, [reward], synthetic_dataset(4, size=SIZE))
 
 

@@ -120,7 +120,9 @@ def test_load_from_local_folder_in_kontext_layout(tmp_path):
     c1 = src.encode_conditions(d, r, prompts=["restore"])
     c2 = loaded.encode_conditions(d, r, prompts=["restore"])
     x = torch.randn(1, c1.num_target_tokens, c1.tokens.shape[-1])
-    assert torch.allclose(src.velocity(x, torch.tensor([0.4]), c1), loaded.velocity(x, torch.tensor([0.4]), c2), atol=1e-5)
+    assert torch.allclose(
+        src.velocity(x, torch.tensor([0.4]), c1), loaded.velocity(x, torch.tensor([0.4]), c2), atol=1e-5
+    )
 
 
 def test_missing_model_folder_parts_are_named(tmp_path):

@@ -34,7 +34,9 @@ def test_recipe_parses_and_documents_its_launch(path, tmp_path):
     text = open(path).read()
     assert text.lstrip().startswith("#"), "a recipe opens with a comment"
     assert "refiner-rl" in text or "refiner_rl" in text, "the header gives the launch command"
-    args = parse_recipe(_types(path), ["--config", path, "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])
+    args = parse_recipe(
+        _types(path), ["--config", path, "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+    )
     raw = yaml.safe_load(text)
     model_args = args[0]
     assert model_args.model_name_or_path == raw["model_name_or_path"]
@@ -54,7 +56,9 @@ def test_unknown_recipe_key_names_the_key(tmp_path):
         parse_recipe(_types("sft.yaml"), ["--config", str(bad)])
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "accelerate", "*.yaml"))), ids=os.path.basename)
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(ROOT, "recipes", "accelerate", "*.yaml"))), ids=os.path.basename
+)
 def test_accelerate_configs_are_valid_yaml(path):
     cfg = yaml.safe_load(open(path))
     assert isinstance(cfg, dict) and "distributed_type" in cfg

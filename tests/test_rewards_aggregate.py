@@ -30,9 +30,7 @@ def _close(t, expected, tol=1e-6):
 def test_sum_then_normalize_group():
     res = compute_advantages(R, W, G, names=["pix", "sim"])
     _close(res.total_reward, [3, 2, 4, 1, 1, 4])
-    _close(
-        res.advantages, [0, -1 / (1 + EPS), 1 / (1 + EPS), -1 / (S3 + EPS), -1 / (S3 + EPS), 2 / (S3 + EPS)]
-    )
+    _close(res.advantages, [0, -1 / (1 + EPS), 1 / (1 + EPS), -1 / (S3 + EPS), -1 / (S3 + EPS), 2 / (S3 + EPS)])
     assert res.valid.all()
     m = res.metrics
     assert m["reward"] == pytest.approx(15 / 6)
@@ -49,9 +47,7 @@ def test_scale_rewards_batch_and_none():
     # batch std of totals [3,2,4,1,1,4]: mean 2.5, squared deviations sum 9.5 -> std sqrt(9.5/5)
     sb = math.sqrt(9.5 / 5)
     res = compute_advantages(R, W, G, scale_rewards="batch")
-    _close(
-        res.advantages, [0, -1 / (sb + EPS), 1 / (sb + EPS), -1 / (sb + EPS), -1 / (sb + EPS), 2 / (sb + EPS)]
-    )
+    _close(res.advantages, [0, -1 / (sb + EPS), 1 / (sb + EPS), -1 / (sb + EPS), -1 / (sb + EPS), 2 / (sb + EPS)])
     res = compute_advantages(R, W, G, scale_rewards="none")
     _close(res.advantages, [0, -1, 1, -1, -1, 2])
 

@@ -65,9 +65,7 @@ def test_list_shows_builtins_with_kind_fields_and_description(capsys):
     assert "Negative masked L2/L1 pixel error" in lines["masked_pixel"]
     assert main(["list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rewards"]}
-    assert rows["patch_dreamsim"]["provides_maps"] is True and rows["patch_dreamsim"]["required_fields"] == [
-        "target"
-    ]
+    assert rows["patch_dreamsim"]["provides_maps"] is True and rows["patch_dreamsim"]["required_fields"] == ["target"]
 
 
 def test_score_end_to_end_json_and_table(scene, capsys):
@@ -108,9 +106,7 @@ def test_score_without_data_runs_only_field_free_rewards(scene, capsys):
 
 def test_score_errors_name_the_file_or_the_reward(scene, capsys):
     (scene / "samples" / "broken.png").write_bytes(b"not a png")
-    (scene / "data" / "records.jsonl").open("a").write(
-        json.dumps({"id": "broken", "target": "target_b.png"}) + "\n"
-    )
+    (scene / "data" / "records.jsonl").open("a").write(json.dumps({"id": "broken", "target": "target_b.png"}) + "\n")
     code = main(
         [
             "score",
@@ -248,11 +244,7 @@ def test_thirdparty_plugin_listed_and_scores_through_the_cli(plugin_path, scene)
         timeout=300,
         check=False,
     )
-    assert (
-        out.returncode == 2
-        and "unknown reward 'mean_brightness'" in out.stderr
-        and "masked_pixel" in out.stderr
-    )
+    assert out.returncode == 2 and "unknown reward 'mean_brightness'" in out.stderr and "masked_pixel" in out.stderr
 
 
 def test_thirdparty_plugin_in_process(plugin_path):
@@ -262,9 +254,7 @@ def test_thirdparty_plugin_in_process(plugin_path):
         assert "mean_brightness" in registry.available_rewards()
         (r,) = registry.build_rewards([{"name": "mean_brightness", "scale": 3.0}])
         assert r([""], [np.full((2, 2, 3), 51, dtype=np.uint8)]) == [pytest.approx(3.0 * 0.2)]
-        with pytest.raises(
-            registry.RewardConfigError, match="accepted options: device, dtype, scale, weight"
-        ):
+        with pytest.raises(registry.RewardConfigError, match="accepted options: device, dtype, scale, weight"):
             registry.build_rewards([{"name": "mean_brightness", "bias": 1}])
     finally:
         sys.path.remove(plugin_path)

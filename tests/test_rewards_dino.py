@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from refiner_rl.rewards.dino_similarity import IMAGENET_MEAN, IMAGENET_STD, DinoSimilarity
 
+from refiner_rl.rewards.dino_similarity import IMAGENET_MEAN, IMAGENET_STD, DinoSimilarity
 from refiner_rl.scoring import build_rewards, score_safely
 
 SIZE = 56  # 4 x 4 tokens of 14 px: small and fast
@@ -38,9 +38,7 @@ def _img(seed, h=40, w=48):
 
 
 def _manual_cls(model, image):
-    x = F.interpolate(
-        image[None], size=(SIZE, SIZE), mode="bicubic", align_corners=False, antialias=True
-    ).clamp(0, 1)
+    x = F.interpolate(image[None], size=(SIZE, SIZE), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         return model(pixel_values=x).pooler_output[0]
@@ -86,9 +84,7 @@ def test_bbox_region_ignores_changes_outside_the_dilated_box(model_dir):
 
 
 def test_mean_pooling_reference_and_errors(model_dir, reward):
-    r = DinoSimilarity(
-        model=reward.model, image_size=SIZE, region="full", pooling="mean", compare_to="reference"
-    )
+    r = DinoSimilarity(model=reward.model, image_size=SIZE, region="full", pooling="mean", compare_to="reference")
     assert r.required_fields == ("reference",)
     x, y = _img(3), _img(4)
     assert r([""], [x], reference=[x.clone()])[0] == pytest.approx(1.0, abs=1e-5)

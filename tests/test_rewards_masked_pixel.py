@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from refiner_rl.rewards.masked_pixel import MaskedPixel
 
+from refiner_rl.rewards.masked_pixel import MaskedPixel
 from refiner_rl.scoring import score_safely
 
 
@@ -105,9 +105,7 @@ def test_size_mismatch_raises_naming_fields_and_safe_call_turns_it_into_none():
         r([""], [_image()], target=[_image(4, 4)])
     with pytest.raises(ValueError, match=r"but mask is \(8, 4\)"):
         r([""], [_image()], target=[_image()], mask=[torch.ones(1, 8, 4)])
-    scores, _, n_failed, err = score_safely(
-        r, ["", ""], [_image(), _image()], target=[_image(), _image(4, 4)]
-    )
+    scores, _, n_failed, err = score_safely(r, ["", ""], [_image(), _image()], target=[_image(), _image(4, 4)])
     assert scores == [None, None] and n_failed == 2 and "target is (4, 4)" in err
 
 

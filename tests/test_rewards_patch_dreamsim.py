@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+
 from refiner_rl.rewards.patch_dreamsim import (
     DREAMSIM_SIZE,
     PatchDreamSim,
@@ -17,7 +18,6 @@ from refiner_rl.rewards.patch_dreamsim import (
     make_random_dreamsim_cache,
     missing_cache_files,
 )
-
 from refiner_rl.scoring import score_safely
 from refiner_rl.scoring.patches import crop_resize, grow_box, mask_bbox, splat_to_grid, tile_box
 
@@ -100,8 +100,7 @@ def test_loads_dreamsims_model_class_through_the_real_cache_path(reward, cache_d
     match = [
         v
         for k, v in loaded.items()
-        if "lora_B" in k
-        and k.endswith(key.split("base_model.model.")[-1].replace(".weight", ".default.weight"))
+        if "lora_B" in k and k.endswith(key.split("base_model.model.")[-1].replace(".weight", ".default.weight"))
     ]
     assert match and torch.equal(match[0].detach(), saved[key]) and saved[key].abs().sum() > 0
     assert torch.hub.get_dir() != cache_dir  # dreamsim's set_dir is undone

@@ -81,9 +81,7 @@ def test_unknown_option_names_reward_key_and_accepted_options():
 
 
 def test_bad_option_value_and_missing_name():
-    with pytest.raises(
-        RewardConfigError, match=r"rewards\[0\]: cannot build reward 'masked_pixel': .*'l2' or 'l1'"
-    ):
+    with pytest.raises(RewardConfigError, match=r"rewards\[0\]: cannot build reward 'masked_pixel': .*'l2' or 'l1'"):
         build_rewards([{"name": "masked_pixel", "error": "l3"}])
     with pytest.raises(RewardConfigError, match=r"rewards\[0\]: missing `name`"):
         build_rewards([{"weight": 1.0}])

@@ -20,6 +20,7 @@ import urllib.request
 
 import pytest
 import torch
+
 from refiner_rl.rewards.vlm_judge import (
     DIMENSIONS,
     TASKS,
@@ -29,7 +30,6 @@ from refiner_rl.rewards.vlm_judge import (
     p_yes_from_logits,
     p_yes_from_top_logprobs,
 )
-
 from refiner_rl.scoring.registry import (
     RewardConfigError,
     available_rewards,
@@ -46,7 +46,15 @@ CHAT_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 
 def _build_tiny_judge(folder) -> None:
@@ -66,29 +74,55 @@ def _build_tiny_judge(folder) -> None:
     bpe.decoder = decoders.ByteLevel()
     # Yes/No dominate the corpus so that "Yes", " Yes", "No" and " No" become single tokens, as in Qwen's vocab.
     corpus = ["Yes No Yes. No."] * 200 + [" ".join(TASKS.values()) + " " + " ".join(DIMENSIONS.values())] * 5
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL[1:])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL[1:]
+    )
     assert all(len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in ["Yes", " Yes", "No", " No"])
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=PIXELS, max_pixels=PIXELS), tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=PIXELS, max_pixels=PIXELS),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
             # mrope splits head_dim / 2 = 4 rotary frequencies over (time, height, width)
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-            "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config={
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2,
-            "temporal_patch_size": 2, "out_hidden_size": 32, "window_size": 56, "fullatt_block_indexes": [1],
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 32,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
         },
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
     torch.manual_seed(1234)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -170,14 +204,20 @@ def test_query_include_prompt_always_never():
     kw = {"mode": "pointwise", "task": "fill", "prompt": "a red cup"}
     assert '"a red cup"' in build_query(dimension="aesthetics", include_prompt="always", **kw)
     assert "a red cup" not in build_query(dimension="text_alignment", include_prompt="never", **kw)
-    assert "a red cup" not in build_query(dimension="text_alignment", include_prompt="always", mode="pointwise", task="fill", prompt="")
+    assert "a red cup" not in build_query(
+        dimension="text_alignment", include_prompt="always", mode="pointwise", task="fill", prompt=""
+    )
 
 
 def test_query_template_override_and_bad_placeholder():
     template = "{task}|{dimension}|{prompt}|{prompt_clause}"
-    assert build_query(template=template, task="removal", dimension="removal_quality", prompt="x") == "removal|removal quality||"
+    assert (
+        build_query(template=template, task="removal", dimension="removal_quality", prompt="x")
+        == "removal|removal quality||"
+    )
     assert build_query(template=template, task="fill", dimension="text_alignment", prompt="a cat") == (
-        'fill|text alignment|a cat| The text prompt is: "a cat".')
+        'fill|text alignment|a cat| The text prompt is: "a cat".'
+    )
     # Braces inside a prompt are data, not placeholders.
     assert build_query(template="{prompt}", dimension="text_alignment", prompt="{not a field}") == "{not a field}"
     with pytest.raises(ValueError, match=r"unknown placeholder \{image\}; known: task, dimension, prompt"):
@@ -198,7 +238,13 @@ def test_bad_options_name_what_works():
     with pytest.raises(OSError, match="cannot load a processor from model_name_or_path='/nonexistent/judge'"):
         VLMJudge(backend="local", model_name_or_path="/nonexistent/judge")
     # A custom dimension is fine once it is described.
-    j = VLMJudge(backend="server", base_url="http://x", mode="pointwise", dimension="sharpness", dimension_description="sharpness: crisp edges")
+    j = VLMJudge(
+        backend="server",
+        base_url="http://x",
+        mode="pointwise",
+        dimension="sharpness",
+        dimension_description="sharpness: crisp edges",
+    )
     assert "sharpness: crisp edges" in j.query("sharpness")
 
 
@@ -227,8 +273,12 @@ def test_p_yes_from_logits_hand_computed():
 
 
 def test_p_yes_from_top_logprobs_hand_computed():
-    top = [{"token": "Yes", "logprob": math.log(0.6)}, {"token": " No", "logprob": math.log(0.2)},
-           {"token": "Maybe", "logprob": math.log(0.1)}, {"token": "ĠYes", "logprob": math.log(0.05)}]
+    top = [
+        {"token": "Yes", "logprob": math.log(0.6)},
+        {"token": " No", "logprob": math.log(0.2)},
+        {"token": "Maybe", "logprob": math.log(0.1)},
+        {"token": "ĠYes", "logprob": math.log(0.05)},
+    ]
     yes, no = ["Yes", " Yes"], ["No", " No"]
     assert p_yes_from_top_logprobs(top, yes, no, "softmax") == pytest.approx(0.65)
     assert p_yes_from_top_logprobs(top, yes, no, "yes_no") == pytest.approx(0.65 / 0.85)
@@ -247,7 +297,9 @@ def _direct_p_yes(judge_dir, query, pil_images, prob):
     processor = AutoProcessor.from_pretrained(judge_dir)
     model = AutoModelForImageTextToText.from_pretrained(judge_dir).eval()
     content = [{"type": "image"}, {"type": "text", "text": query}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
     out = []
     yes = processor.tokenizer.convert_tokens_to_ids(["Yes", "ĠYes"])
     no = processor.tokenizer.convert_tokens_to_ids(["No", "ĠNo"])
@@ -266,7 +318,12 @@ def test_local_pointwise_matches_direct_logits_and_is_deterministic(judge_dir, p
     judge = local_judge(judge_dir, mode="pointwise", dimension="aesthetics", prob=prob, batch_size=3)
     assert judge.yes_ids == judge.vlm.tokenizer.convert_tokens_to_ids(["Yes", "ĠYes"])
     # Different sizes give different numbers of image tokens, so the batch of 3 is left-padded.
-    samples = images(2, seed=1, size=(3, 40, 56)) + images(1, seed=2, size=(3, 90, 60)) + images(1, seed=3, size=(3, 28, 28)) + [None]
+    samples = (
+        images(2, seed=1, size=(3, 40, 56))
+        + images(1, seed=2, size=(3, 90, 60))
+        + images(1, seed=3, size=(3, 28, 28))
+        + [None]
+    )
     scores = judge(["a cup"] * 5, samples)
     assert scores == judge(["a cup"] * 5, samples)
     assert scores[-1] is None and all(0.0 <= s <= 1.0 for s in scores[:-1])
@@ -287,7 +344,9 @@ def test_local_pairwise_both_orders_and_dimensions(judge_dir):
     assert both == pytest.approx([(p + 1.0 - q) / 2.0 for p, q in zip(ab, ba)], abs=1e-6)
     # A list of dimensions averages the per-dimension scores; compare_to picks the column.
     dims = ["consistency", "detail_fidelity"]
-    mean = local_judge(judge_dir, dimension=dims, compare_to="reference")(["p"] * 2, samples, draft=refs, reference=drafts)
+    mean = local_judge(judge_dir, dimension=dims, compare_to="reference")(
+        ["p"] * 2, samples, draft=refs, reference=drafts
+    )
     per_dim = [ab, local_judge(judge_dir, dimension="detail_fidelity")(["p"] * 2, samples, draft=drafts)]
     assert mean == pytest.approx([sum(v) / 2 for v in zip(*per_dim)], abs=1e-6)
 
@@ -343,10 +402,14 @@ def test_server_slower_than_timeout_is_retried_then_none(serve, caplog):
 def test_server_503_then_success_gives_a_real_score(judge_dir, serve):
     server = serve(fail_first=1)
     judge = server_judge(server.url, model="tiny-judge", mode="pointwise", max_retries=2)
-    assert judge(["p"], images(1, seed=7)) == pytest.approx(local_judge(judge_dir, mode="pointwise")(["p"], images(1, seed=7)), abs=1e-5)
+    assert judge(["p"], images(1, seed=7)) == pytest.approx(
+        local_judge(judge_dir, mode="pointwise")(["p"], images(1, seed=7)), abs=1e-5
+    )
     assert server.chat_requests == 2
     always_failing = serve(fail_first=100)
-    assert server_judge(always_failing.url, model="tiny-judge", mode="pointwise", max_retries=1)(["p"], images(1)) == [None]
+    assert server_judge(always_failing.url, model="tiny-judge", mode="pointwise", max_retries=1)(["p"], images(1)) == [
+        None
+    ]
     assert always_failing.chat_requests == 2
 
 
@@ -366,7 +429,9 @@ def test_server_4xx_is_not_retried(serve, caplog):
 
 
 def test_connection_refused_is_none_quickly(caplog):
-    judge = server_judge(f"http://127.0.0.1:{free_port()}", model="m", mode="pointwise", max_retries=2, backoff=0.01, timeout=2.0)
+    judge = server_judge(
+        f"http://127.0.0.1:{free_port()}", model="m", mode="pointwise", max_retries=2, backoff=0.01, timeout=2.0
+    )
     start = time.monotonic()
     with caplog.at_level(logging.WARNING):
         assert judge(["p", "q"], images(2)) == [None, None]
@@ -386,8 +451,12 @@ def test_api_key_is_sent_as_bearer_and_never_logged(serve, monkeypatch, caplog):
     wrong = serve(api_key="another-key")
     failing = serve(fail_first=100)
     with caplog.at_level(logging.WARNING):
-        assert server_judge(wrong.url, model="tiny-judge", mode="pointwise", api_key_env="JUDGE_KEY", max_retries=2)(["p"], images(1)) == [None]
-        assert server_judge(failing.url, model="tiny-judge", mode="pointwise", api_key_env="JUDGE_KEY", max_retries=1)(["p"], images(1)) == [None]
+        assert server_judge(wrong.url, model="tiny-judge", mode="pointwise", api_key_env="JUDGE_KEY", max_retries=2)(
+            ["p"], images(1)
+        ) == [None]
+        assert server_judge(failing.url, model="tiny-judge", mode="pointwise", api_key_env="JUDGE_KEY", max_retries=1)(
+            ["p"], images(1)
+        ) == [None]
     assert wrong.chat_requests == 1  # 401 is not retried
     assert "HTTP 401" in caplog.text and "HTTP 503" in caplog.text
     assert secret not in caplog.text
@@ -408,10 +477,26 @@ def test_server_speaks_the_openai_schema(serve):
     server = serve()
     models = json.loads(urllib.request.urlopen(server.url + "/v1/models", timeout=10).read())
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny-judge"
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(to_pil(images(1)[0]))}},
-                                              {"type": "text", "text": "Is this good? Answer Yes or No."}]}]
-    reply = _post(server.url + "/v1/chat/completions",
-                  {"model": "tiny-judge", "messages": messages, "max_tokens": 3, "logprobs": True, "top_logprobs": 4, "temperature": 0})
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url(to_pil(images(1)[0]))}},
+                {"type": "text", "text": "Is this good? Answer Yes or No."},
+            ],
+        }
+    ]
+    reply = _post(
+        server.url + "/v1/chat/completions",
+        {
+            "model": "tiny-judge",
+            "messages": messages,
+            "max_tokens": 3,
+            "logprobs": True,
+            "top_logprobs": 4,
+            "temperature": 0,
+        },
+    )
     assert reply["object"] == "chat.completion" and reply["model"] == "tiny-judge"
     choice = reply["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
@@ -423,17 +508,43 @@ def test_server_speaks_the_openai_schema(serve):
         assert entry["logprob"] == pytest.approx(tops[0], abs=1e-6)  # greedy: the chosen token is the top one
         assert entry["bytes"] == list(entry["token"].encode())
     with pytest.raises(urllib.error.HTTPError) as err:
-        _post(server.url + "/v1/chat/completions", {"model": "tiny-judge", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}]})
+        _post(
+            server.url + "/v1/chat/completions",
+            {
+                "model": "tiny-judge",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}],
+                    }
+                ],
+            },
+        )
     assert err.value.code == 400 and "base64 data URL" in json.loads(err.value.read())["error"]["message"]
 
 
 @pytest.mark.slow
 def test_server_command_line(judge_dir):
     port = free_port()
-    cmd = [sys.executable, "-m", "refiner_rl.scoring.vlm_server", "--model", judge_dir, "--port", str(port),
-           "--min-pixels", str(PIXELS), "--max-pixels", str(PIXELS), "--served-model-name", "cli-judge", "--device", "cpu",
-           "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "refiner_rl.scoring.vlm_server",
+        "--model",
+        judge_dir,
+        "--port",
+        str(port),
+        "--min-pixels",
+        str(PIXELS),
+        "--max-pixels",
+        str(PIXELS),
+        "--served-model-name",
+        "cli-judge",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:

@@ -28,16 +28,32 @@ def test_mask_weighted_loss_by_hand():
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
-                report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
     return FlowSFTConfig(**{**base, **kw})
 
 
 def test_sft_loss_falls_on_the_tiny_model(tmp_path):
     policy = small_policy()  # full fine-tuning
     ds = synthetic_dataset(64)
-    args = _args(tmp_path, max_steps=60, per_device_train_batch_size=8, learning_rate=1e-3, caption_dropout=0.0,
-                 timestep_sampling="uniform", logging_steps=10)
+    args = _args(
+        tmp_path,
+        max_steps=60,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        caption_dropout=0.0,
+        timestep_sampling="uniform",
+        logging_steps=10,
+    )
     trainer = FlowSFTTrainer(policy, args, ds)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -66,17 +82,33 @@ def test_lora_round_trip_through_flux_kontext_pipeline(tmp_path):
 
 def test_checkpoints_are_atomic_and_resume_continues(tmp_path):
     ds = synthetic_dataset(32)
-    full = FlowSFTTrainer(small_policy(lora=True), _args(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3,
-                                                         learning_rate=1e-3, caption_dropout=0.0), ds)  # fmt: skip
+    full = FlowSFTTrainer(
+        small_policy(lora=True),
+        _args(
+            tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-3, caption_dropout=0.0
+        ),
+        ds,
+    )
     full.train()
     names = sorted(os.listdir(tmp_path / "a"))
     assert names == ["checkpoint-3", "checkpoint-6"], names  # no leftover temporary folder
     ck = tmp_path / "a" / "checkpoint-3"
-    for f in ("pytorch_lora_weights.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+    for f in (
+        "pytorch_lora_weights.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+    ):
         assert (ck / f).is_file(), f
 
-    resumed = FlowSFTTrainer(small_policy(lora=True), _args(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3,
-                                                            learning_rate=1e-3, caption_dropout=0.0), ds)  # fmt: skip
+    resumed = FlowSFTTrainer(
+        small_policy(lora=True),
+        _args(
+            tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-3, caption_dropout=0.0
+        ),
+        ds,
+    )
     resumed.train(resume_from_checkpoint=str(ck))
     l_full = [h["loss"] for h in full.state.log_history if "loss" in h]
     l_res = [h["loss"] for h in resumed.state.log_history if "loss" in h]

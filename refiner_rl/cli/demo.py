@@ -50,7 +50,9 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="refiner-rl demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="refiner-rl demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--output_dir", default="outputs/demo", help="where checkpoints, logs, the grid and the report go")
     ap.add_argument("--sft_steps", type=int, default=None, help="override the SFT recipe's max_steps")
     ap.add_argument("--grpo_steps", type=int, default=None, help="override the GRPO recipe's max_steps")
@@ -82,8 +84,10 @@ def main(argv: list[str]) -> int:
     sample = collate_triplets([held_out[i] for i in range(min(8, len(held_out)))])
     recon = policy.codec.decode(policy.codec.encode(sample["target"]))
     report["codec_psnr_db"] = psnr(recon, sample["target"])
-    print(f"\n[demo] {len(train)} training and {len(held_out)} held-out synthetic triplets; codec "
-          f"{type(policy.codec).__name__} reconstructs them at PSNR {report['codec_psnr_db']:.1f} dB\n")  # fmt: skip
+    print(
+        f"\n[demo] {len(train)} training and {len(held_out)} held-out synthetic triplets; codec "
+        f"{type(policy.codec).__name__} reconstructs them at PSNR {report['codec_psnr_db']:.1f} dB\n"
+    )
 
     policy.transformer.eval()
     before = evaluate_refinement(policy, held_out, num_steps=args.eval_steps)
@@ -94,9 +98,15 @@ def main(argv: list[str]) -> int:
     policy.transformer.eval()
     after_sft = evaluate_refinement(policy, held_out, num_steps=args.eval_steps)
     after_sft_paste = evaluate_refinement(policy, held_out, num_steps=args.eval_steps, paste=True)
-    report.update(sft_seconds=round(time.time() - t0, 1), before=before, after_sft=after_sft, after_sft_paste_back=after_sft_paste)
-    rows = [("random init", before), ("draft (input)", _draft_row(before)), ("after SFT", after_sft),
-            ("after SFT + paste-back", after_sft_paste)]  # fmt: skip
+    report.update(
+        sft_seconds=round(time.time() - t0, 1), before=before, after_sft=after_sft, after_sft_paste_back=after_sft_paste
+    )
+    rows = [
+        ("random init", before),
+        ("draft (input)", _draft_row(before)),
+        ("after SFT", after_sft),
+        ("after SFT + paste-back", after_sft_paste),
+    ]
     images = {"sft": generate(policy, sample, num_steps=args.eval_steps, seed=0)}
     _finish_wandb_run()  # each stage gets its own W&B run
 
@@ -106,8 +116,13 @@ def main(argv: list[str]) -> int:
         from refiner_rl.trainers.grpo_config import FlowGRPOConfig
         from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 
-        grpo_argv = ["--config", recipe_path("tiny/grpo.yaml"), "--output_dir", os.path.join(out, "grpo"),
-                     *_sft_weights_args(model_args, sft_cfg.output_dir)]  # fmt: skip
+        grpo_argv = [
+            "--config",
+            recipe_path("tiny/grpo.yaml"),
+            "--output_dir",
+            os.path.join(out, "grpo"),
+            *_sft_weights_args(model_args, sft_cfg.output_dir),
+        ]
         if args.grpo_steps is not None:
             grpo_argv += ["--max_steps", str(args.grpo_steps)]
         g_model, g_data, g_cfg = parse_recipe((ModelArguments, DataArguments, FlowGRPOConfig), grpo_argv)
@@ -116,26 +131,36 @@ def main(argv: list[str]) -> int:
         g_trainer = FlowGRPOTrainer(g_policy, g_cfg, build_rewards(g_cfg.rewards), g_train, eval_dataset=held_out)
         reward_sft = g_trainer.evaluate_rewards(held_out)
         g_policy.transformer.eval()
-        sft_same = evaluate_refinement(g_policy, held_out, num_steps=args.eval_steps, start_sigma=g_cfg.start_sigma,
-                                       paste=g_cfg.paste_back)  # fmt: skip
+        sft_same = evaluate_refinement(
+            g_policy, held_out, num_steps=args.eval_steps, start_sigma=g_cfg.start_sigma, paste=g_cfg.paste_back
+        )
         rows.append((f"SFT, GRPO's sampler (start {g_cfg.start_sigma:g})", sft_same))
         g_trainer.train()
         g_trainer.save_model(g_cfg.output_dir)
         g_trainer.save_state()
         reward_grpo = g_trainer.evaluate_rewards(held_out)
         g_policy.transformer.eval()
-        after_grpo = evaluate_refinement(g_policy, held_out, num_steps=args.eval_steps, start_sigma=g_cfg.start_sigma,
-                                         paste=g_cfg.paste_back)  # fmt: skip
+        after_grpo = evaluate_refinement(
+            g_policy, held_out, num_steps=args.eval_steps, start_sigma=g_cfg.start_sigma, paste=g_cfg.paste_back
+        )
         rows.append((f"after GRPO (start {g_cfg.start_sigma:g})", after_grpo))
-        report.update(after_grpo=after_grpo, sft_with_grpo_sampler=sft_same, held_out_reward_sft=reward_sft, held_out_reward_grpo=reward_grpo)
-        images["grpo"] = generate(g_policy, sample, num_steps=args.eval_steps, seed=0, start_sigma=g_cfg.start_sigma,
-                                  paste=g_cfg.paste_back)  # fmt: skip
+        report.update(
+            after_grpo=after_grpo,
+            sft_with_grpo_sampler=sft_same,
+            held_out_reward_sft=reward_sft,
+            held_out_reward_grpo=reward_grpo,
+        )
+        images["grpo"] = generate(
+            g_policy, sample, num_steps=args.eval_steps, seed=0, start_sigma=g_cfg.start_sigma, paste=g_cfg.paste_back
+        )
 
         _finish_wandb_run()
 
     # 5. grid + report
-    grid_rows = [[sample["draft"][i], sample["reference"][i], *[images[k][i] for k in images], sample["target"][i]]
-                 for i in range(sample["draft"].shape[0])]  # fmt: skip
+    grid_rows = [
+        [sample["draft"][i], sample["reference"][i], *[images[k][i] for k in images], sample["target"][i]]
+        for i in range(sample["draft"].shape[0])
+    ]
     grid_path = os.path.join(out, "samples.png")
     save_grid(grid_path, grid_rows)
     report["seconds"] = round(time.time() - t0, 1)

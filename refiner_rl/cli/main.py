@@ -11,8 +11,16 @@ import sys
 COMMANDS = {
     "sft": ("refiner_rl.cli.train", "sft_main", "supervised fine-tuning of the editor on triplets"),
     "grpo": ("refiner_rl.cli.train", "grpo_main", "GRPO on sampled groups of edits scored by reward plug-ins"),
-    "demo": ("refiner_rl.cli.demo", "main", "the embedded default: synthetic triplets, tiny editor, SFT then GRPO on the CPU"),
-    "rewards": ("refiner_rl.cli.rewards", "main", "list reward plug-ins, or score a folder of images with a recipe's rewards"),
+    "demo": (
+        "refiner_rl.cli.demo",
+        "main",
+        "the embedded default: synthetic triplets, tiny editor, SFT then GRPO on the CPU",
+    ),
+    "rewards": (
+        "refiner_rl.cli.rewards",
+        "main",
+        "list reward plug-ins, or score a folder of images with a recipe's rewards",
+    ),
 }
 
 

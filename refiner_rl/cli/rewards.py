@@ -51,17 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         help="JSONL of records (prompt, draft, reference, target, mask) matched to the images",
     )
     sc.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sc.add_argument(
-        "--device", default=None, help="device for reward models (default: each reward's own, cpu)"
-    )
+    sc.add_argument("--device", default=None, help="device for reward models (default: each reward's own, cpu)")
     sc.add_argument("--batch-size", type=int, default=8, help="images per reward call (default 8)")
     return p
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse already printed the usage / error
@@ -202,16 +198,12 @@ def _match_records(data_path: str, images: list[str], images_dir: str) -> tuple[
         elif rec.get("id") is not None:
             name = stems.get(str(rec["id"]))
         else:
-            raise CliError(
-                f"--data {data_path}: line {lineno} has neither `image` nor `id` to match an image file"
-            )
+            raise CliError(f"--data {data_path}: line {lineno} has neither `image` nor `id` to match an image file")
         if name is None:
             unmatched += 1
             continue
         if name in by_image:
-            raise CliError(
-                f"--data {data_path}: lines {by_image[name][0]} and {lineno} both match image {name}"
-            )
+            raise CliError(f"--data {data_path}: lines {by_image[name][0]} and {lineno} both match image {name}")
         by_image[name] = (lineno, rec)
     missing = [n for n in images if n not in by_image]
     if missing:
@@ -254,17 +246,13 @@ def _score(args: argparse.Namespace) -> int:
     if args.data:
         records, unmatched = _match_records(args.data, names, args.images)
         if unmatched:
-            print(
-                f"note: {unmatched} record(s) in {args.data} match no image in {args.images}", file=sys.stderr
-            )
+            print(f"note: {unmatched} record(s) in {args.data} match no image in {args.images}", file=sys.stderr)
         columns = _columns(records, args.data)
         prompts = [str(r.get("prompt", "")) for r in records]
     try:
         rewards = registry.build_rewards(specs, device=args.device)
         # a field counts as available when every record has it (a reward needing it would fail otherwise)
-        registry.check_required_fields(
-            rewards, [f for f, v in columns.items() if all(x is not None for x in v)]
-        )
+        registry.check_required_fields(rewards, [f for f, v in columns.items() if all(x is not None for x in v)])
     except registry.RewardConfigError as e:
         hint = "" if args.data else " (pass --data records.jsonl to provide record fields)"
         raise CliError(f"{args.config}: {e}{hint}") from e
@@ -286,9 +274,7 @@ def _score(args: argparse.Namespace) -> int:
                 errors[labels[k]] = result.error
     import torch
 
-    matrix = torch.tensor(
-        [[math.nan if v is None else v for v in row] for row in values], dtype=torch.float64
-    )
+    matrix = torch.tensor([[math.nan if v is None else v for v in row] for row in values], dtype=torch.float64)
     total, valid = aggregate.weighted_total(matrix, torch.tensor([r.weight for r in rewards]))
     totals = [float(t) if bool(ok) else None for t, ok in zip(total, valid)]
 
@@ -298,9 +284,7 @@ def _score(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "rewards": [
-                        {"label": lab, "name": r.name, "weight": r.weight} for lab, r in zip(labels, rewards)
-                    ],
+                    "rewards": [{"label": lab, "name": r.name, "weight": r.weight} for lab, r in zip(labels, rewards)],
                     "rows": [
                         {"image": n, "scores": dict(zip(labels, row)), "total": t}
                         for n, row, t in zip(names, values, totals)

@@ -44,8 +44,11 @@ def parse_recipe(dataclass_types, argv: list[str]):
 
 def _without_fields(cls, names: set[str]):
     """A plain dataclass with ``cls``'s fields except ``names`` (parsing only; no ``__post_init__``)."""
-    keep = [(f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
-            for f in dataclasses.fields(cls) if f.name not in names and f.init]  # fmt: skip
+    keep = [
+        (f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+        for f in dataclasses.fields(cls)
+        if f.name not in names and f.init
+    ]
     out = dataclasses.make_dataclass(cls.__name__, keep)
     out.__module__ = cls.__module__  # string annotations resolve in the original module
     return out
@@ -72,8 +75,13 @@ def sft_main(argv: list[str]) -> int:
     multiple = policy.codec.downsample * 2
     train = data_args.build(multiple=multiple)
     eval_ds = data_args.build(multiple=multiple, eval=True) if data_args.eval_dataset else None
-    logger.info("SFT on %d records (%d skipped); policy %s, LoRA=%s", len(train), len(train.report.skipped),
-                model_args.model_name_or_path, model_args.use_lora)  # fmt: skip
+    logger.info(
+        "SFT on %d records (%d skipped); policy %s, LoRA=%s",
+        len(train),
+        len(train.report.skipped),
+        model_args.model_name_or_path,
+        model_args.use_lora,
+    )
     trainer = FlowSFTTrainer(policy, config, train, eval_dataset=eval_ds)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)

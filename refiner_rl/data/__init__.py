@@ -11,6 +11,12 @@ from refiner_rl.data.records import (
 from refiner_rl.data.synthetic import synthetic_records, write_synthetic_dataset
 
 __all__ = [
-    "BucketBatchOrderSampler", "RecordError", "TripletDataset", "collate_triplets", "load_records",
-    "synthetic_records", "validate_records", "write_synthetic_dataset",
-]  # fmt: skip
+    "BucketBatchOrderSampler",
+    "RecordError",
+    "TripletDataset",
+    "collate_triplets",
+    "load_records",
+    "synthetic_records",
+    "validate_records",
+    "write_synthetic_dataset",
+]

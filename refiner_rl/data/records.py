@@ -17,8 +17,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -149,10 +150,14 @@ def validate_record(record: dict, index: int, base_dir: str | None) -> None:
     for key in IMAGE_FIELDS:
         if record.get(key) in (None, ""):
             continue
-        img = open_image(record[key], base_dir=base_dir, mode="L" if key == "mask" else "RGB", where=f"{name}, field {key!r}")
+        img = open_image(
+            record[key], base_dir=base_dir, mode="L" if key == "mask" else "RGB", where=f"{name}, field {key!r}"
+        )
         sizes[key] = img.size
         if key == "mask" and img.getextrema()[1] < 128:
-            raise RecordError(f"{name}, field 'mask': the mask is empty (no pixel >= 128); drop the record or give a region")
+            raise RecordError(
+                f"{name}, field 'mask': the mask is empty (no pixel >= 128); drop the record or give a region"
+            )
     base = sizes.get("target") or sizes.get("draft")
     for key in ("draft", "mask"):
         if key in sizes and sizes[key] != base:
@@ -162,7 +167,9 @@ def validate_record(record: dict, index: int, base_dir: str | None) -> None:
             )
 
 
-def validate_records(records: list[dict], base_dir: str | None, *, skip_invalid: bool = False) -> tuple[list[dict], ValidationReport]:
+def validate_records(
+    records: list[dict], base_dir: str | None, *, skip_invalid: bool = False
+) -> tuple[list[dict], ValidationReport]:
     kept, skipped = [], []
     for i, r in enumerate(records):
         try:
@@ -210,7 +217,7 @@ class TripletDataset(Dataset):
         self.resolution, self.buckets, self.multiple = resolution, sorted(buckets) if buckets else None, multiple
 
     @classmethod
-    def from_source(cls, source: Any, **kwargs) -> "TripletDataset":
+    def from_source(cls, source: Any, **kwargs) -> TripletDataset:
         records, base_dir = load_records(source)
         return cls(records, base_dir, **kwargs)
 
@@ -218,7 +225,9 @@ class TripletDataset(Dataset):
         return len(self.records)
 
     def _image(self, record: dict, index: int, key: str, mode: str = "RGB") -> Image.Image:
-        return open_image(record[key], base_dir=self.base_dir, mode=mode, where=f"{_record_name(record, index)}, field {key!r}")
+        return open_image(
+            record[key], base_dir=self.base_dir, mode=mode, where=f"{_record_name(record, index)}, field {key!r}"
+        )
 
     def _size(self, w: int, h: int) -> tuple[int, int]:
         res = nearest_bucket(h, w, self.buckets) if self.buckets else self.resolution
@@ -253,7 +262,11 @@ class TripletDataset(Dataset):
         r = self.records[index]
         with Image.open(self._path(r["draft"])) if isinstance(r["draft"], str) else self._image(r, index, "draft") as d:
             h, w = self._size(*d.size)
-        with Image.open(self._path(r["reference"])) if isinstance(r["reference"], str) else self._image(r, index, "reference") as ref:
+        with (
+            Image.open(self._path(r["reference"]))
+            if isinstance(r["reference"], str)
+            else self._image(r, index, "reference") as ref
+        ):
             rh, rw = self._size(*ref.size)
         return h, w, rh, rw
 
@@ -264,7 +277,10 @@ class TripletDataset(Dataset):
 def collate_triplets(items: Iterable[dict]) -> dict:
     """Stack items of one size bucket into a batch; a clear error when sizes differ."""
     items = list(items)
-    out: dict[str, Any] = {"prompt": [it["prompt"] for it in items], "index": torch.tensor([it["index"] for it in items])}
+    out: dict[str, Any] = {
+        "prompt": [it["prompt"] for it in items],
+        "index": torch.tensor([it["index"] for it in items]),
+    }
     for key in ("draft", "reference", "target", "mask", "prompt_embeds", "pooled_prompt_embeds"):
         if key not in items[0]:
             continue
@@ -300,7 +316,9 @@ class BucketBatchOrderSampler(torch.utils.data.Sampler):
         batches = []
         for idx in self.groups:
             perm = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
-            batches += [perm[i : i + self.batch_size] for i in range(0, len(perm) - self.batch_size + 1, self.batch_size)]
+            batches += [
+                perm[i : i + self.batch_size] for i in range(0, len(perm) - self.batch_size + 1, self.batch_size)
+            ]
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[i] for i in order]
 

@@ -88,8 +88,13 @@ def make_triplet(rng: np.random.Generator, size: int = 32, region: float = 0.5, 
     def im(a):
         return Image.fromarray(a.astype(np.uint8))
 
-    return {"prompt": PROMPT, "target": im(target), "draft": im(draft), "reference": im(reference),
-            "mask": Image.fromarray(mask, mode="L")}  # fmt: skip
+    return {
+        "prompt": PROMPT,
+        "target": im(target),
+        "draft": im(draft),
+        "reference": im(reference),
+        "mask": Image.fromarray(mask, mode="L"),
+    }
 
 
 def synthetic_records(n: int, seed: int = 0, size: int = 32, region: float = 0.5, ref_shift: int = 0) -> list[dict]:

@@ -117,9 +117,7 @@ def sample_training_sigmas(
     scripts round sigma to one of the scheduler's 1000 training timesteps; we keep it continuous.
     """
     if scheme not in TRAINING_SIGMA_SCHEMES:
-        raise ValueError(
-            f"Unknown timestep sampling scheme {scheme!r}; known: {', '.join(TRAINING_SIGMA_SCHEMES)}."
-        )
+        raise ValueError(f"Unknown timestep sampling scheme {scheme!r}; known: {', '.join(TRAINING_SIGMA_SCHEMES)}.")
     if device is None:
         device = generator.device if generator is not None else "cpu"
     if scheme == "logit_normal":
@@ -143,9 +141,7 @@ def loss_weighting(sigmas: torch.Tensor, scheme: str = "none") -> torch.Tensor:
     - ``cosmap``: ``2 / (pi (1 - 2 s + 2 s^2))``.
     """
     if scheme not in LOSS_WEIGHTING_SCHEMES:
-        raise ValueError(
-            f"Unknown loss weighting scheme {scheme!r}; known: {', '.join(LOSS_WEIGHTING_SCHEMES)}."
-        )
+        raise ValueError(f"Unknown loss weighting scheme {scheme!r}; known: {', '.join(LOSS_WEIGHTING_SCHEMES)}.")
     if scheme == "sigma_sqrt":
         return (sigmas**-2.0).float()
     if scheme == "cosmap":

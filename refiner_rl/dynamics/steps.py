@@ -73,13 +73,9 @@ def _check_args(rule: str, noise_level: float, sigma, sigma_next) -> None:
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}.")
     if rule == "cps" and noise_level > 1:
-        raise ValueError(
-            f"rule='cps' needs noise_level in [0, 1] (std = s' sin(a pi / 2) <= s'), got {noise_level}."
-        )
+        raise ValueError(f"rule='cps' needs noise_level in [0, 1] (std = s' sin(a pi / 2) <= s'), got {noise_level}.")
     if isinstance(sigma, (int, float)) and isinstance(sigma_next, (int, float)) and not sigma > sigma_next:
-        raise ValueError(
-            f"A step goes from high to low noise: need sigma > sigma_next, got {sigma} -> {sigma_next}."
-        )
+        raise ValueError(f"A step goes from high to low noise: need sigma > sigma_next, got {sigma} -> {sigma_next}.")
 
 
 def step_mean_std(
@@ -147,9 +143,7 @@ def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std) -> tuple[torch.Tenso
     """
     x_next, mean = x_next.float(), mean.float()
     if mean.ndim < 2:
-        raise ValueError(
-            f"log_prob expects samples [B, ...] with at least 2 dims, got shape {tuple(mean.shape)}."
-        )
+        raise ValueError(f"log_prob expects samples [B, ...] with at least 2 dims, got shape {tuple(mean.shape)}.")
     std = _broadcast_std(std, mean)
     per_element = -((x_next - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     return _reduce(per_element)
@@ -165,9 +159,7 @@ def kl_same_std(mean_a: torch.Tensor, mean_b: torch.Tensor, std) -> tuple[torch.
     """
     mean_a, mean_b = mean_a.float(), mean_b.float()
     if mean_a.ndim < 2:
-        raise ValueError(
-            f"kl_same_std expects samples [B, ...] with at least 2 dims, got shape {tuple(mean_a.shape)}."
-        )
+        raise ValueError(f"kl_same_std expects samples [B, ...] with at least 2 dims, got shape {tuple(mean_a.shape)}.")
     std = _broadcast_std(std, mean_a)
     return _reduce((mean_a - mean_b) ** 2 / (2 * std**2))
 
@@ -197,9 +189,7 @@ def sde_step(
         device = generator.device if generator is not None else mean.device
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
     elif noise.shape != mean.shape:
-        raise ValueError(
-            f"noise has shape {tuple(noise.shape)} but the sample has shape {tuple(mean.shape)}."
-        )
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but the sample has shape {tuple(mean.shape)}.")
     next_sample = mean + std * noise.to(device=mean.device, dtype=torch.float32)
     # Detached like Flow-GRPO's: x' is data for the log-prob, whose gradient must reach the mean only.
     lp, lp_tokens = log_prob(next_sample.detach(), mean, std)

@@ -31,9 +31,7 @@ def _start_range(num_steps: int, size: int, start: int, mode: str, stride: int, 
     if mode not in WINDOW_MODES:
         raise ValueError(f"Unknown SDE window mode {mode!r}; known: {', '.join(WINDOW_MODES)}.")
     if num_steps < 2:
-        raise ValueError(
-            f"num_steps={num_steps}: GRPO needs at least 2 sampling steps; the last one is never trained."
-        )
+        raise ValueError(f"num_steps={num_steps}: GRPO needs at least 2 sampling steps; the last one is never trained.")
     if not 1 <= size <= num_steps - 1:
         raise ValueError(
             f"SDE window size={size} does not fit num_steps={num_steps}: the last, nearly clean step is "

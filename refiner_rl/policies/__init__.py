@@ -12,6 +12,14 @@ from refiner_rl.policies.kontext import (
 )
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "Codec", "Conditions", "KontextPolicy", "PixelUnshuffleCodec", "TextEmbeds",
-    "VAECodec", "image_ids", "pack_latents", "unpack_latents",
-]  # fmt: skip
+    "DEFAULT_LORA_TARGETS",
+    "Codec",
+    "Conditions",
+    "KontextPolicy",
+    "PixelUnshuffleCodec",
+    "TextEmbeds",
+    "VAECodec",
+    "image_ids",
+    "pack_latents",
+    "unpack_latents",
+]

@@ -26,10 +26,19 @@ logger = logging.getLogger(__name__)
 # Attention and feed-forward projections of the MM-DiT blocks (OmniRefiner puts LoRA there); the names
 # also match the single-stream blocks' attention.
 DEFAULT_LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0",
-    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-)  # fmt: skip
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -78,18 +87,32 @@ class Conditions:
     def num_target_tokens(self) -> int:
         return self.target_ids.shape[0]
 
-    def repeat(self, n: int) -> "Conditions":
+    def repeat(self, n: int) -> Conditions:
         """Each condition repeated ``n`` times in a row (a group of ``n`` samples per condition)."""
 
         def rep(t):
             return t.repeat_interleave(n, dim=0)
 
         neg = None if self.negative is None else TextEmbeds(rep(self.negative.prompt_embeds), rep(self.negative.pooled))
-        return replace(self, tokens=rep(self.tokens), text=TextEmbeds(rep(self.text.prompt_embeds), rep(self.text.pooled)), negative=neg)
+        return replace(
+            self,
+            tokens=rep(self.tokens),
+            text=TextEmbeds(rep(self.text.prompt_embeds), rep(self.text.pooled)),
+            negative=neg,
+        )
 
-    def select(self, index: torch.Tensor | slice) -> "Conditions":
-        neg = None if self.negative is None else TextEmbeds(self.negative.prompt_embeds[index], self.negative.pooled[index])
-        return replace(self, tokens=self.tokens[index], text=TextEmbeds(self.text.prompt_embeds[index], self.text.pooled[index]), negative=neg)
+    def select(self, index: torch.Tensor | slice) -> Conditions:
+        neg = (
+            None
+            if self.negative is None
+            else TextEmbeds(self.negative.prompt_embeds[index], self.negative.pooled[index])
+        )
+        return replace(
+            self,
+            tokens=self.tokens[index],
+            text=TextEmbeds(self.text.prompt_embeds[index], self.text.pooled[index]),
+            negative=neg,
+        )
 
 
 class KontextPolicy:
@@ -130,15 +153,22 @@ class KontextPolicy:
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
-    def tiny(cls, dtype: torch.dtype = torch.float32, reference_id: int = 2, **spec_overrides) -> "KontextPolicy":
+    def tiny(cls, dtype: torch.dtype = torch.float32, reference_id: int = 2, **spec_overrides) -> KontextPolicy:
         """A tiny editor with random weights (see :mod:`refiner_rl.policies.tiny`)."""
         from refiner_rl.policies.tiny import tiny_components
 
         c = tiny_components(**spec_overrides)
         return cls(
-            c["transformer"], c["codec"], c["text_encoder"], c["tokenizer"], c["text_encoder_2"], c["tokenizer_2"],
-            max_sequence_length=c["max_sequence_length"], reference_id=reference_id, dtype=dtype,
-        )  # fmt: skip
+            c["transformer"],
+            c["codec"],
+            c["text_encoder"],
+            c["tokenizer"],
+            c["text_encoder_2"],
+            c["tokenizer_2"],
+            max_sequence_length=c["max_sequence_length"],
+            reference_id=reference_id,
+            dtype=dtype,
+        )
 
     def load_transformer(self, path: str) -> None:
         """Replace the transformer's weights with a full fine-tune saved by ``save_pretrained`` (safetensors only).
@@ -147,15 +177,20 @@ class KontextPolicy:
         from diffusers import FluxTransformer2DModel
 
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"transformer folder {path!r} does not exist (expected a save_pretrained output with config.json)")
+            raise FileNotFoundError(
+                f"transformer folder {path!r} does not exist (expected a save_pretrained output with config.json)"
+            )
         loaded = FluxTransformer2DModel.from_pretrained(path, torch_dtype=self.dtype, use_safetensors=True)
 
         def plain(cfg):  # JSON round trip: tuples become lists
             return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items()}
 
         mine, theirs = plain(self.transformer.config), plain(loaded.config)
-        diff = {k: (mine.get(k), theirs.get(k)) for k in set(mine) | set(theirs)
-                if not k.startswith("_") and mine.get(k) != theirs.get(k)}  # fmt: skip
+        diff = {
+            k: (mine.get(k), theirs.get(k))
+            for k in set(mine) | set(theirs)
+            if not k.startswith("_") and mine.get(k) != theirs.get(k)
+        }
         if diff:
             raise ValueError(f"{path!r} holds a transformer of another shape: (ours, theirs) = {diff}")
         self.transformer.load_state_dict(loaded.state_dict())
@@ -173,7 +208,7 @@ class KontextPolicy:
         reference_id: int = 2,
         guidance_scale: float = 2.5,
         load_text_encoders: bool = True,
-    ) -> "KontextPolicy":
+    ) -> KontextPolicy:
         """Load from a diffusers repo id or a local folder laid out like ``black-forest-labs/FLUX.1-Kontext-dev``
         (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``, ``tokenizer_2/``).
 
@@ -191,21 +226,35 @@ class KontextPolicy:
                 )
         common = dict(revision=revision, use_safetensors=True)
         if transformer_path:
-            transformer = FluxTransformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype, use_safetensors=True)
+            transformer = FluxTransformer2DModel.from_pretrained(
+                transformer_path, torch_dtype=dtype, use_safetensors=True
+            )
         else:
-            transformer = FluxTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", torch_dtype=dtype, **common)
+            transformer = FluxTransformer2DModel.from_pretrained(
+                name_or_path, subfolder="transformer", torch_dtype=dtype, **common
+            )
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype, **common)
         enc = tok = enc2 = tok2 = None
         if load_text_encoders:
             tkw = dict(revision=revision, trust_remote_code=trust_remote_code)
             tok = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **tkw)
             tok2 = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", **tkw)
-            enc = AutoModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=dtype, use_safetensors=True, **tkw)
+            enc = AutoModel.from_pretrained(
+                name_or_path, subfolder="text_encoder", dtype=dtype, use_safetensors=True, **tkw
+            )
             enc2 = _load_t5_encoder(name_or_path, dtype, tkw)
         return cls(
-            transformer, VAECodec(vae), enc, tok, enc2, tok2,
-            max_sequence_length=max_sequence_length, reference_id=reference_id, guidance_scale=guidance_scale, dtype=dtype,
-        )  # fmt: skip
+            transformer,
+            VAECodec(vae),
+            enc,
+            tok,
+            enc2,
+            tok2,
+            max_sequence_length=max_sequence_length,
+            reference_id=reference_id,
+            guidance_scale=guidance_scale,
+            dtype=dtype,
+        )
 
     def save_pretrained_components(self, path: str) -> None:
         """Write every component in the Kontext folder layout (so :meth:`from_pretrained` reloads it)."""
@@ -213,8 +262,12 @@ class KontextPolicy:
             raise ValueError("only policies with an AutoencoderKL codec can be written in the diffusers folder layout")
         self.transformer.save_pretrained(os.path.join(path, "transformer"))
         self.codec.vae.save_pretrained(os.path.join(path, "vae"))
-        for sub, obj in (("text_encoder", self.text_encoder), ("tokenizer", self.tokenizer),
-                         ("text_encoder_2", self.text_encoder_2), ("tokenizer_2", self.tokenizer_2)):  # fmt: skip
+        for sub, obj in (
+            ("text_encoder", self.text_encoder),
+            ("tokenizer", self.tokenizer),
+            ("text_encoder_2", self.text_encoder_2),
+            ("tokenizer_2", self.tokenizer_2),
+        ):
             if obj is not None:
                 obj.save_pretrained(os.path.join(path, sub))
 
@@ -223,7 +276,7 @@ class KontextPolicy:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    def to(self, device) -> "KontextPolicy":
+    def to(self, device) -> KontextPolicy:
         self.transformer.to(device)
         for m in (self.codec, self.text_encoder, self.text_encoder_2):
             if m is not None:
@@ -246,11 +299,17 @@ class KontextPolicy:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if todo:
             dev = self.text_encoder.device
-            ids = self.tokenizer(todo, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(dev)  # fmt: skip
+            ids = self.tokenizer(
+                todo,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(dev)
             pooled = self.text_encoder(ids, output_hidden_states=False).pooler_output
-            ids2 = self.tokenizer_2(todo, padding="max_length", max_length=self.max_sequence_length,
-                                    truncation=True, return_tensors="pt").input_ids.to(self.text_encoder_2.device)  # fmt: skip
+            ids2 = self.tokenizer_2(
+                todo, padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.text_encoder_2.device)
             seq = self.text_encoder_2(ids2, output_hidden_states=False)[0]
             for i, p in enumerate(todo):
                 self._text_cache[p] = (seq[i].detach(), pooled[i].detach())
@@ -342,8 +401,10 @@ class KontextPolicy:
         if cfg:
             hidden = torch.cat([hidden, hidden])
             sigma = torch.cat([sigma, sigma])
-            text = TextEmbeds(torch.cat([text.prompt_embeds, cond.negative.prompt_embeds]),
-                              torch.cat([text.pooled, cond.negative.pooled]))  # fmt: skip
+            text = TextEmbeds(
+                torch.cat([text.prompt_embeds, cond.negative.prompt_embeds]),
+                torch.cat([text.pooled, cond.negative.pooled]),
+            )
         guidance = None
         cfg_obj = getattr(_unwrap(model), "config", None)
         if cfg_obj is not None and getattr(cfg_obj, "guidance_embeds", False):
@@ -366,14 +427,25 @@ class KontextPolicy:
         return v
 
     # ------------------------------------------------------------------------------------------------- LoRA
-    def add_lora(self, rank: int = 16, alpha: float | None = None, target_modules=DEFAULT_LORA_TARGETS,
-                 dropout: float = 0.0, init: str | bool = True) -> None:  # fmt: skip
+    def add_lora(
+        self,
+        rank: int = 16,
+        alpha: float | None = None,
+        target_modules=DEFAULT_LORA_TARGETS,
+        dropout: float = 0.0,
+        init: str | bool = True,
+    ) -> None:
         """Attach a peft LoRA adapter to the transformer (base weights frozen)."""
         from peft import LoraConfig
 
         self.transformer.requires_grad_(False)
-        cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                         target_modules=list(target_modules), init_lora_weights=init)  # fmt: skip
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            lora_dropout=dropout,
+            target_modules=list(target_modules),
+            init_lora_weights=init,
+        )
         self.transformer.add_adapter(cfg)
 
     @property
@@ -403,9 +475,11 @@ class KontextPolicy:
         metadata = model.peft_config["default"].to_dict()
         metadata = {k: (list(v) if isinstance(v, set) else v) for k, v in metadata.items()}
         FluxKontextPipeline.save_lora_weights(
-            path, transformer_lora_layers=self.lora_state_dict(state_dict), safe_serialization=True,
+            path,
+            transformer_lora_layers=self.lora_state_dict(state_dict),
+            safe_serialization=True,
             transformer_lora_adapter_metadata=metadata,
-        )  # fmt: skip
+        )
 
     def load_lora(self, path: str) -> None:
         """Load an adapter written by :meth:`save_lora` into the existing adapter (for resume)."""
@@ -415,8 +489,10 @@ class KontextPolicy:
 
         sd = FluxKontextPipeline.lora_state_dict(path)
         sd = sd[0] if isinstance(sd, tuple) else sd
-        sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
-        result = set_peft_model_state_dict(_unwrap(self.transformer), convert_unet_state_dict_to_peft(sd), adapter_name="default")
+        sd = {k[len("transformer.") :]: v for k, v in sd.items() if k.startswith("transformer.")}
+        result = set_peft_model_state_dict(
+            _unwrap(self.transformer), convert_unet_state_dict_to_peft(sd), adapter_name="default"
+        )
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"LoRA at {path!r} does not match this transformer: unexpected keys {unexpected[:5]}")

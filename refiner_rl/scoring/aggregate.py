@@ -123,9 +123,7 @@ def compute_advantages(
     if scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     if aggregation not in ("sum_then_normalize", "normalize_then_sum"):
-        raise ValueError(
-            f"aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {aggregation!r}"
-        )
+        raise ValueError(f"aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {aggregation!r}")
     inverse, n_groups = _group_index(torch.as_tensor(group_ids))
     if inverse.numel() != n:
         raise ValueError(f"{n} samples but {inverse.numel()} group ids")
@@ -140,9 +138,7 @@ def compute_advantages(
         elif scale_rewards == "batch":
             adv = adv / (nanstd(total) + eps)
     else:
-        z = (r - group_nanmean(r, inverse, n_groups)[inverse]) / (
-            group_nanstd(r, inverse, n_groups)[inverse] + eps
-        )
+        z = (r - group_nanmean(r, inverse, n_groups)[inverse]) / (group_nanstd(r, inverse, n_groups)[inverse] + eps)
         s = (z * w[None, :]).nansum(dim=1)
         s = torch.where(valid, s, torch.full_like(s, float("nan")))
         adv = s - s[valid].mean() if bool(valid.any()) else s
@@ -169,9 +165,7 @@ def compute_advantages(
         metrics[f"rewards/{name}/std"] = float(nanstd(col))
         metrics[f"rewards/{name}/failed_frac"] = float((~ok).double().mean()) if n else 0.0
 
-    out_dtype = (
-        torch.as_tensor(rewards).dtype if torch.as_tensor(rewards).is_floating_point() else torch.float32
-    )
+    out_dtype = torch.as_tensor(rewards).dtype if torch.as_tensor(rewards).is_floating_point() else torch.float32
     return AdvantageResult(adv.to(out_dtype), total.to(out_dtype), valid, metrics)
 
 

@@ -39,9 +39,7 @@ def as_image_tensor(image: Any, channels: int = 3) -> torch.Tensor:
     else:
         import numpy as np
 
-        arr = np.asarray(
-            image.convert("RGB" if channels == 3 else "L") if hasattr(image, "convert") else image
-        )
+        arr = np.asarray(image.convert("RGB" if channels == 3 else "L") if hasattr(image, "convert") else image)
         t = torch.from_numpy(arr.copy())
         if t.ndim == 3:
             t = t.permute(2, 0, 1)
@@ -87,9 +85,7 @@ class Reward:
         self.dtype = dtype or torch.float32
 
     # -- to implement -------------------------------------------------------------------------------
-    def score(
-        self, prompts: Sequence[str], completions: Sequence[torch.Tensor], **columns
-    ) -> list[float | None]:
+    def score(self, prompts: Sequence[str], completions: Sequence[torch.Tensor], **columns) -> list[float | None]:
         raise NotImplementedError
 
     def score_maps(
@@ -137,9 +133,7 @@ def required_value(columns: dict, field: str, index: int, reward: str) -> Any:
     """``columns[field][index]``; a ValueError naming the reward, sample and field when it is missing."""
     value = column_value(columns, field, index)
     if value is None:
-        raise ValueError(
-            f"reward {reward!r}: sample {index} has no {field!r} (columns given: {sorted(columns)})"
-        )
+        raise ValueError(f"reward {reward!r}: sample {index} has no {field!r} (columns given: {sorted(columns)})")
     return value
 
 
@@ -211,9 +205,7 @@ class ScoreResult(NamedTuple):
     error: str | None
 
 
-def score_safely(
-    reward: Reward, prompts: Sequence[str], completions: Sequence[Any], **columns
-) -> ScoreResult:
+def score_safely(reward: Reward, prompts: Sequence[str], completions: Sequence[Any], **columns) -> ScoreResult:
     """Score a batch with ``reward`` and never raise.
 
     - An exception inside the reward is logged as a warning naming the reward; every sample gets ``None``
@@ -235,14 +227,10 @@ def score_safely(
         raw_scores = list(raw_scores)
         raw_maps = [None] * n if raw_maps is None else list(raw_maps)
         if len(raw_scores) != n or len(raw_maps) != n:
-            raise ValueError(
-                f"returned {len(raw_scores)} scores and {len(raw_maps)} maps for {n} completions"
-            )
+            raise ValueError(f"returned {len(raw_scores)} scores and {len(raw_maps)} maps for {n} completions")
     except Exception as e:  # noqa: BLE001 - a reward must never crash a run
         message = f"{type(e).__name__}: {e}"
-        logger.warning(
-            "reward %r failed on a batch of %d; its scores are None for this batch (%s)", label, n, message
-        )
+        logger.warning("reward %r failed on a batch of %d; its scores are None for this batch (%s)", label, n, message)
         return ScoreResult([None] * n, [None] * n, n, message)
 
     scores = [clean_score(s) for s in raw_scores]

@@ -50,11 +50,7 @@ def tile_box(box: Box, patch_size: int) -> list[Patch]:
     """Patches tiling ``box`` row-major, anchored at its top-left corner."""
     y0, y1, x0, x1 = box
     rows, cols = _tile_1d(y0, y1, patch_size), _tile_1d(x0, x1, patch_size)
-    return [
-        Patch((cy[0], cy[1], cx[0], cx[1]), (oy[0], oy[1], ox[0], ox[1]))
-        for cy, oy in rows
-        for cx, ox in cols
-    ]
+    return [Patch((cy[0], cy[1], cx[0], cx[1]), (oy[0], oy[1], ox[0], ox[1])) for cy, oy in rows for cx, ox in cols]
 
 
 def grid_patches(height: int, width: int, patch_size: int) -> list[Patch]:
@@ -113,16 +109,12 @@ def crop_resize(image: torch.Tensor, boxes: list[Box], size: int) -> torch.Tenso
     for (h, w), idx in by_shape.items():
         crops = torch.stack([image[:, boxes[k][0] : boxes[k][1], boxes[k][2] : boxes[k][3]] for k in idx])
         if (h, w) != (size, size):
-            crops = F.interpolate(
-                crops, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-            )
+            crops = F.interpolate(crops, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         out[idx] = crops.clamp(0.0, 1.0)
     return out
 
 
-def splat_to_grid(
-    owners: list[Box], values: torch.Tensor, height: int, width: int, patch_size: int
-) -> torch.Tensor:
+def splat_to_grid(owners: list[Box], values: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
     """Reward map ``[h, w]`` on the image grid: per cell, the mean of patch ``values`` weighted by how many of
     the cell's pixels each patch owns; NaN where no patch owns a pixel of the cell."""
     gh, gw = grid_shape(height, width, patch_size)

@@ -66,9 +66,7 @@ def _qualname(cls: type) -> str:
 def _add(name: str, cls: type[Reward], source: str, override_source: bool = False) -> None:
     old = _REGISTRY.get(name)
     if old is not None and old is not cls and _qualname(old) != _qualname(cls):
-        raise ValueError(
-            f"reward name {name!r} is taken by {_qualname(old)}; {_qualname(cls)} needs another name"
-        )
+        raise ValueError(f"reward name {name!r} is taken by {_qualname(old)}; {_qualname(cls)} needs another name")
     _REGISTRY[name] = cls
     if override_source:
         _SOURCES[name] = source
@@ -187,9 +185,7 @@ def build_reward(
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping):
-        raise RewardConfigError(
-            f"{where}: expected a mapping like {{name: masked_pixel, weight: 1.0}}, got {spec!r}"
-        )
+        raise RewardConfigError(f"{where}: expected a mapping like {{name: masked_pixel, weight: 1.0}}, got {spec!r}")
     options = dict(spec)
     name = options.pop("name", None)
     if not name:
@@ -216,9 +212,7 @@ def build_reward(
         raise RewardConfigError(f"{where}: cannot build reward {name!r}: {e}") from e
 
 
-def build_rewards(
-    specs: Iterable[Mapping[str, Any] | str], *, device: Any = None, dtype: Any = None
-) -> list[Reward]:
+def build_rewards(specs: Iterable[Mapping[str, Any] | str], *, device: Any = None, dtype: Any = None) -> list[Reward]:
     """Rewards from the recipe's ``rewards:`` list. ``device``/``dtype`` apply where a spec sets none."""
     if specs is None or isinstance(specs, (str, Mapping)):
         raise RewardConfigError("`rewards` must be a list of specs like [{name: masked_pixel, weight: 1.0}]")

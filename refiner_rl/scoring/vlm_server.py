@@ -66,7 +66,12 @@ def to_conversation(messages: Any) -> list[dict]:
                 parts.append({"type": "text", "text": str(part.get("text", ""))})
             elif kind == "image_url":
                 url = part.get("image_url")
-                parts.append({"type": "image", "image": decode_data_url(url.get("url", "") if isinstance(url, dict) else str(url))})
+                parts.append(
+                    {
+                        "type": "image",
+                        "image": decode_data_url(url.get("url", "") if isinstance(url, dict) else str(url)),
+                    }
+                )
             else:
                 raise BadRequest(f"unsupported content part type {kind!r}; use text or image_url")
         conversation.append({"role": str(message.get("role", "user")), "content": parts})
@@ -80,8 +85,18 @@ class JudgeServer:
     of every request, ``chat_requests`` counts chat-completion requests (before any injected failure).
     """
 
-    def __init__(self, vlm, *, host: str = "127.0.0.1", port: int = 0, served_model_name: str = "local-vlm",
-                 api_key: str | None = None, delay: float = 0.0, fail_first: int = 0, max_top_logprobs: int | None = None):
+    def __init__(
+        self,
+        vlm,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        served_model_name: str = "local-vlm",
+        api_key: str | None = None,
+        delay: float = 0.0,
+        fail_first: int = 0,
+        max_top_logprobs: int | None = None,
+    ):
         self.vlm, self.served_model_name, self.api_key = vlm, served_model_name, api_key
         self.delay, self.fail_first = float(delay), int(fail_first)
         self.max_top_logprobs = max_top_logprobs or len(vlm.tokenizer)
@@ -149,15 +164,23 @@ class JudgeServer:
             token_ids = [int(steps[0].argmax())]
         else:
             with vlm.lock, torch.no_grad():
-                out = vlm.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_logits=True,
-                                         return_dict_in_generate=True, pad_token_id=vlm.tokenizer.pad_token_id)
-            token_ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+                out = vlm.model.generate(
+                    **inputs,
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=vlm.tokenizer.pad_token_id,
+                )
+            token_ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
             steps = torch.stack([step[0] for step in out.logits])[: len(token_ids)]
         eos = vlm.tokenizer.eos_token_id
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": vlm.tokenizer.decode(token_ids, skip_special_tokens=True)},
-            "logprobs": {"content": [self._logprob_content(steps[k], t, top_n) for k, t in enumerate(token_ids)]} if want_logprobs else None,
+            "logprobs": {"content": [self._logprob_content(steps[k], t, top_n) for k, t in enumerate(token_ids)]}
+            if want_logprobs
+            else None,
             "finish_reason": "stop" if token_ids and token_ids[-1] == eos else "length",
         }
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -167,7 +190,11 @@ class JudgeServer:
             "created": int(time.time()),
             "model": self.served_model_name,
             "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids), "total_tokens": prompt_tokens + len(token_ids)},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(token_ids),
+                "total_tokens": prompt_tokens + len(token_ids),
+            },
         }
 
 
@@ -205,8 +232,15 @@ def _make_handler(server: JudgeServer):
             if not self._authorized():
                 return None
             if self.path.rstrip("/") == "/v1/models":
-                return self._send(200, {"object": "list", "data": [
-                    {"id": server.served_model_name, "object": "model", "created": 0, "owned_by": "refiner-rl"}]})
+                return self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {"id": server.served_model_name, "object": "model", "created": 0, "owned_by": "refiner-rl"}
+                        ],
+                    },
+                )
             return self._error(404, f"no route {self.path}")
 
         def do_POST(self):
@@ -236,7 +270,9 @@ def _make_handler(server: JudgeServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m refiner_rl.scoring.vlm_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m refiner_rl.scoring.vlm_server", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", required=True, help="local folder (or hub id, if online) of a transformers VLM")
     parser.add_argument("--served-model-name", default=None, help="name in /v1/models and replies (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -254,10 +290,23 @@ def main(argv: list[str] | None = None) -> None:
 
     from refiner_rl.rewards.vlm_judge import LocalVLM
 
-    vlm = LocalVLM(args.model, device=args.device, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
-                   min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    server = JudgeServer(vlm, host=args.host, port=args.port, served_model_name=args.served_model_name or args.model,
-                         api_key=args.api_key, delay=args.delay, fail_first=args.fail_first)
+    vlm = LocalVLM(
+        args.model,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        trust_remote_code=args.trust_remote_code,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+    )
+    server = JudgeServer(
+        vlm,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name or args.model,
+        api_key=args.api_key,
+        delay=args.delay,
+        fail_first=args.fail_first,
+    )
     logger.info("serving %s at %s/v1", server.served_model_name, server.url)
     try:
         server.serve_forever()

@@ -75,7 +75,9 @@ class PolicyTrainerMixin:
         if self.policy.has_lora:
             if state_dict is not None and not any("lora" in k for k in state_dict):
                 if self._zero3_engine() is not None:
-                    raise RuntimeError("ZeRO-3 save: the gathered state dict has no LoRA keys; refusing to write partitioned weights")
+                    raise RuntimeError(
+                        "ZeRO-3 save: the gathered state dict has no LoRA keys; refusing to write partitioned weights"
+                    )
                 state_dict = None  # a gathered dict without adapter keys: read the live module instead
             self.policy.save_lora(output_dir, state_dict=state_dict)
         else:
@@ -95,12 +97,18 @@ class PolicyTrainerMixin:
         else:
             folder = os.path.join(resume_from_checkpoint, FULL_WEIGHTS_DIR)
             if not os.path.isdir(folder):
-                raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} has no {FULL_WEIGHTS_DIR}/ folder to resume from")
+                raise FileNotFoundError(
+                    f"checkpoint {resume_from_checkpoint!r} has no {FULL_WEIGHTS_DIR}/ folder to resume from"
+                )
             self.policy.load_transformer(folder)  # the trained model is the policy's transformer (unwrapped)
         self._load_extra_state(resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        if checkpoint is not None and not self.is_deepspeed_enabled and not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+        if (
+            checkpoint is not None
+            and not self.is_deepspeed_enabled
+            and not os.path.isfile(os.path.join(checkpoint, "optimizer.pt"))
+        ):
             if glob.glob(os.path.join(checkpoint, "global_step*")):
                 # transformers would silently start a fresh optimizer (measured: the weights then drift by ~1e-3
                 # from the uninterrupted run within one step).
@@ -138,8 +146,12 @@ class PolicyTrainerMixin:
             shutil.rmtree(tmp_run, ignore_errors=True)
             from transformers.trainer_utils import rotate_checkpoints
 
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)  # fmt: skip
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
         self.accelerator.wait_for_everyone()
 
 
@@ -151,8 +163,13 @@ def save_transformer_state_dict(model, folder: str, state_dict: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     model.save_config(folder)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_torch_state_dict(state_dict, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-                          max_shard_size="10GB", metadata={"format": "pt"})  # fmt: skip
+    save_torch_state_dict(
+        state_dict,
+        folder,
+        filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+        max_shard_size="10GB",
+        metadata={"format": "pt"},
+    )
 
 
 def setup_wandb_env(report_to) -> None:

@@ -70,38 +70,79 @@ class FlowGRPOConfig(GRPOConfig):
     ``bf16`` on with CUDA only (TRL turns it on everywhere; on a CPU autocast only slows rollouts down).
     """
 
-    rewards: list | str | None = field(default=None, metadata={"help": "Reward recipe: list of {name, weight, **options}."})
+    rewards: list | str | None = field(
+        default=None, metadata={"help": "Reward recipe: list of {name, weight, **options}."}
+    )
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of a rollout."})
-    sde_type: str = field(default="flow_sde", metadata={"help": f"Step rule of stochastic steps: {', '.join(STEP_RULES)}."})
-    noise_level: float = field(default=0.9, metadata={"help": "SDE noise level a (about 0.7 for SD3, 0.9 for Flux/Kontext)."})
+    sde_type: str = field(
+        default="flow_sde", metadata={"help": f"Step rule of stochastic steps: {', '.join(STEP_RULES)}."}
+    )
+    noise_level: float = field(
+        default=0.9, metadata={"help": "SDE noise level a (about 0.7 for SD3, 0.9 for Flux/Kontext)."}
+    )
     sde_window_size: int = field(default=2, metadata={"help": "Number of stochastic, trained steps per rollout."})
     sde_window_start: int = field(default=0, metadata={"help": "First stochastic step (fixed mode)."})
     sde_window_mode: str = field(default="fixed", metadata={"help": f"Window placement: {', '.join(WINDOW_MODES)}."})
     sde_window_stride: int = field(default=1, metadata={"help": "Sliding mode: steps the window moves per rollout."})
-    sde_window_max_start: int | None = field(default=None, metadata={"help": "Latest window start (sliding/random); default num_inference_steps - 1 - size."})
-    rollout_tail_steps: int | None = field(default=None, metadata={"help": "ODE steps from the end of the SDE window to sigma 0 in training rollouts (None: the schedule's own). Fewer steps = cheaper rollouts; held-out evaluation keeps the full schedule."})
-    true_cfg_scale: float = field(default=1.0, metadata={"help": "True classifier-free guidance scale (>1 runs a negative-prompt pass)."})
+    sde_window_max_start: int | None = field(
+        default=None, metadata={"help": "Latest window start (sliding/random); default num_inference_steps - 1 - size."}
+    )
+    rollout_tail_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "ODE steps from the end of the SDE window to sigma 0 in training rollouts (None: the schedule's own). Fewer steps = cheaper rollouts; held-out evaluation keeps the full schedule."
+        },
+    )
+    true_cfg_scale: float = field(
+        default=1.0, metadata={"help": "True classifier-free guidance scale (>1 runs a negative-prompt pass)."}
+    )
     negative_prompt: str = field(default="", metadata={"help": "Negative prompt for true CFG."})
-    start_sigma: float = field(default=1.0, metadata={"help": "Start sampling from the draft noised to this sigma (1 = pure noise)."})
-    shared_initial_noise: bool = field(default=True, metadata={"help": "All samples of a group start from the same noise; they differ only by the SDE steps' noise."})
+    start_sigma: float = field(
+        default=1.0, metadata={"help": "Start sampling from the draft noised to this sigma (1 = pure noise)."}
+    )
+    shared_initial_noise: bool = field(
+        default=True,
+        metadata={
+            "help": "All samples of a group start from the same noise; they differ only by the SDE steps' noise."
+        },
+    )
     paste_back: bool = field(default=False, metadata={"help": "Keep the draft outside the mask in sampled images."})
-    adv_clip_max: float | None = field(default=5.0, metadata={"help": "Clip advantages to [-adv_clip_max, adv_clip_max]."})
-    spatial_advantage_mix: float = field(default=0.0, metadata={"help": "0 = scalar advantages; 1 = per-patch advantages from reward maps."})
+    adv_clip_max: float | None = field(
+        default=5.0, metadata={"help": "Clip advantages to [-adv_clip_max, adv_clip_max]."}
+    )
+    spatial_advantage_mix: float = field(
+        default=0.0, metadata={"help": "0 = scalar advantages; 1 = per-patch advantages from reward maps."}
+    )
     ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of trained weights (0 = off)."})
-    rollout_batch_size: int | None = field(default=None, metadata={"help": "Samples per rollout forward (default: per_device_train_batch_size)."})
-    log_samples: bool = field(default=True, metadata={"help": "Log a W&B table draft | reference | sample | target | rewards each logging step."})
+    rollout_batch_size: int | None = field(
+        default=None, metadata={"help": "Samples per rollout forward (default: per_device_train_batch_size)."}
+    )
+    log_samples: bool = field(
+        default=True,
+        metadata={"help": "Log a W&B table draft | reference | sample | target | rewards each logging step."},
+    )
     num_log_samples: int = field(default=4, metadata={"help": "Rows of that table."})
 
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
-    activation_checkpointing: bool | None = field(default=False, metadata={"help": "diffusers' gradient checkpointing of the transformer."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5)."})
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "diffusers' gradient checkpointing of the transformer."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5)."}
+    )
     beta: float = field(default=0.01, metadata={"help": "KL coefficient (0 = no reference forward)."})
     epsilon: float = field(default=1e-3, metadata={"help": "Lower clip range of the importance ratio."})
     num_generations: int | None = field(default=8, metadata={"help": "Samples per condition (group size)."})
-    loss_type: str = field(default="grpo", metadata={"help": f"One of {LOSS_TYPES}; all reduce to the same mean for images."})
+    loss_type: str = field(
+        default="grpo", metadata={"help": f"One of {LOSS_TYPES}; all reduce to the same mean for images."}
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
-    remove_unused_columns: bool | None = field(default=False, metadata={"help": "Keep image columns (must stay False)."})
-    report_to: None | str | list[str] = field(default="wandb", metadata={"help": "Loggers: wandb (offline without an API key), none."})
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep image columns (must stay False)."}
+    )
+    report_to: None | str | list[str] = field(
+        default="wandb", metadata={"help": "Loggers: wandb (offline without an API key), none."}
+    )
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on with CUDA)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
 
@@ -109,10 +150,14 @@ class FlowGRPOConfig(GRPOConfig):
         if isinstance(self.rewards, str):
             self.rewards = json.loads(self.rewards)
         if not self.rewards:
-            raise ValueError("`rewards` is empty: give a list such as [{name: masked_pixel, weight: 1.0}] (see `refiner-rl rewards list`)")
+            raise ValueError(
+                "`rewards` is empty: give a list such as [{name: masked_pixel, weight: 1.0}] (see `refiner-rl rewards list`)"
+            )
         if self.reward_weights is not None:
             if len(self.reward_weights) != len(self.rewards):
-                raise ValueError(f"`reward_weights` has {len(self.reward_weights)} entries but `rewards` has {len(self.rewards)}")
+                raise ValueError(
+                    f"`reward_weights` has {len(self.reward_weights)} entries but `rewards` has {len(self.rewards)}"
+                )
             self.rewards = [dict(r, weight=w) for r, w in zip(self.rewards, self.reward_weights)]
         if self.sde_type not in STEP_RULES:
             raise ValueError(f"`sde_type` must be one of {STEP_RULES}, got {self.sde_type!r}")
@@ -125,7 +170,10 @@ class FlowGRPOConfig(GRPOConfig):
                 f"`sde_window_size` ({self.sde_window_size}) must be in [1, num_inference_steps - 1 = {self.num_inference_steps - 1}]: "
                 "the last, nearly clean step is never trained"
             )
-        if self.sde_window_mode == "fixed" and self.sde_window_start + self.sde_window_size > self.num_inference_steps - 1:
+        if (
+            self.sde_window_mode == "fixed"
+            and self.sde_window_start + self.sde_window_size > self.num_inference_steps - 1
+        ):
             raise ValueError(
                 f"`sde_window_start` + `sde_window_size` ({self.sde_window_start} + {self.sde_window_size}) must be <= "
                 f"num_inference_steps - 1 = {self.num_inference_steps - 1}: lower the start or the size"
@@ -137,7 +185,9 @@ class FlowGRPOConfig(GRPOConfig):
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("`ema_decay` must be in [0, 1)")
         if self.rollout_tail_steps is not None and self.rollout_tail_steps < 1:
-            raise ValueError(f"`rollout_tail_steps` must be >= 1 (or null for the full schedule), got {self.rollout_tail_steps}")
+            raise ValueError(
+                f"`rollout_tail_steps` must be >= 1 (or null for the full schedule), got {self.rollout_tail_steps}"
+            )
         if not 0.0 < self.start_sigma <= 1.0:
             raise ValueError("`start_sigma` must be in (0, 1]")
         if self.remove_unused_columns:

@@ -64,8 +64,15 @@ EMA_DIR = "ema"  # the EMA weights in the same format as the live ones (LoRA or 
 class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     """Group-relative policy optimisation of a :class:`KontextPolicy` with pluggable rewards."""
 
-    def __init__(self, policy: KontextPolicy, args: FlowGRPOConfig, rewards: list[Reward], train_dataset: TripletDataset,
-                 eval_dataset: TripletDataset | None = None, callbacks=None):  # fmt: skip
+    def __init__(
+        self,
+        policy: KontextPolicy,
+        args: FlowGRPOConfig,
+        rewards: list[Reward],
+        train_dataset: TripletDataset,
+        eval_dataset: TripletDataset | None = None,
+        callbacks=None,
+    ):
         self.policy = policy
         self.rewards = rewards
         self.reward_names = reward_labels(rewards)
@@ -73,14 +80,26 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         check_required_fields(rewards, columns)
         setup_wandb_env(args.report_to)
         self._setup_gradient_checkpointing(args)
-        super().__init__(model=policy.transformer, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         data_collator=collate_triplets, callbacks=callbacks)  # fmt: skip
+        super().__init__(
+            model=policy.transformer,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collate_triplets,
+            callbacks=callbacks,
+        )
         # compute_loss returns a per-micro-batch mean: let Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         for r in rewards:
             r.to(self.accelerator.device)
-        self.window = WindowSchedule(num_steps=args.num_inference_steps, size=args.sde_window_size, start=args.sde_window_start, mode=args.sde_window_mode,
-                                     stride=args.sde_window_stride, max_start=args.sde_window_max_start)  # fmt: skip
+        self.window = WindowSchedule(
+            num_steps=args.num_inference_steps,
+            size=args.sde_window_size,
+            start=args.sde_window_start,
+            mode=args.sde_window_mode,
+            stride=args.sde_window_stride,
+            max_start=args.sde_window_max_start,
+        )
         self.ref_transformer = None
         if args.beta > 0 and not policy.has_lora:
             self.ref_transformer = copy.deepcopy(policy.transformer).eval().requires_grad_(False)
@@ -97,9 +116,13 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     # ------------------------------------------------------------------------------------------------ data
     def get_train_dataloader(self):
         # One dataloader batch = one rollout's local samples (TRL's layout: groups stay contiguous).
-        return self._get_dataloader(dataset=self.train_dataset, description="Training",
-                                    batch_size=self._train_batch_size * self.args.steps_per_generation,
-                                    sampler_fn=self._get_train_sampler, is_training=True)  # fmt: skip
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
 
     def _get_train_sampler(self, dataset=None):
         return EpochRepeatSampler(
@@ -123,16 +146,30 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         dev, p = self.policy.device, self.policy
         text = None
         if "prompt_embeds" in batch:
-            text = TextEmbeds(batch["prompt_embeds"][first].to(dev, p.dtype), batch["pooled_prompt_embeds"][first].to(dev, p.dtype))
+            text = TextEmbeds(
+                batch["prompt_embeds"][first].to(dev, p.dtype), batch["pooled_prompt_embeds"][first].to(dev, p.dtype)
+            )
         prompts = [batch["prompt"][i] for i in first.tolist()]
         negative = [self.args.negative_prompt] * len(prompts) if self.args.true_cfg_scale > 1 else None
-        cond = p.encode_conditions(batch["draft"][first].to(dev), batch["reference"][first].to(dev),
-                                   prompts=prompts, text=text, negative_prompts=negative)  # fmt: skip
+        cond = p.encode_conditions(
+            batch["draft"][first].to(dev),
+            batch["reference"][first].to(dev),
+            prompts=prompts,
+            text=text,
+            negative_prompts=negative,
+        )
         return cond.select(inverse.to(dev)), inverse
 
     @torch.no_grad()
-    def _sample(self, batch: dict, cond: Conditions, generator: torch.Generator | list[torch.Generator], sde_steps=(),
-                transformer=None, init_generator=None) -> tuple[list[Trajectory], torch.Tensor, torch.Tensor]:  # fmt: skip
+    def _sample(
+        self,
+        batch: dict,
+        cond: Conditions,
+        generator: torch.Generator | list[torch.Generator],
+        sde_steps=(),
+        transformer=None,
+        init_generator=None,
+    ) -> tuple[list[Trajectory], torch.Tensor, torch.Tensor]:
         """Trajectories (in micro-batches of ``rollout_batch_size``), sigmas and decoded images of ``batch``.
         Shared by the rollout (SDE window) and held-out evaluation (``sde_steps=()``: ODE only). The initial noise
         comes from ``init_generator`` when given (else ``generator``), the SDE steps' noise from ``generator``."""
@@ -147,8 +184,14 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         if w > 0:
             _, first, inverse = _groups(batch["index"])
             first = first.to(x.device)
-            prefix = rollout(policy, cond.select(first), sigmas[: w + 1], x=x[first], true_cfg_scale=args.true_cfg_scale,
-                             transformer=transformer)  # fmt: skip
+            prefix = rollout(
+                policy,
+                cond.select(first),
+                sigmas[: w + 1],
+                x=x[first],
+                true_cfg_scale=args.true_cfg_scale,
+                transformer=transformer,
+            )
             x = prefix.latents[inverse.to(x.device)]
         # Nothing after the window is trained: a training rollout may finish on a coarser schedule (evaluation,
         # with no SDE steps, keeps the full one). Steps up to the window's end keep their indices.
@@ -156,10 +199,22 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         trajs, mb = [], args.rollout_batch_size
         for i in range(0, x.shape[0], mb):
             sl = slice(i, i + mb)
-            gen = generator[sl] if isinstance(generator, list) else generator  # per-sample generators follow their sample
-            t = rollout(policy, cond.select(sl), run_sigmas[w:], x=x[sl], sde_steps=[k - w for k in sde_steps], rule=args.sde_type,
-                        noise_level=args.noise_level, generator=gen, true_cfg_scale=args.true_cfg_scale, transformer=transformer,
-                        sigma_max=sigmas[1] if len(sigmas) > 1 else None)  # fmt: skip
+            gen = (
+                generator[sl] if isinstance(generator, list) else generator
+            )  # per-sample generators follow their sample
+            t = rollout(
+                policy,
+                cond.select(sl),
+                run_sigmas[w:],
+                x=x[sl],
+                sde_steps=[k - w for k in sde_steps],
+                rule=args.sde_type,
+                noise_level=args.noise_level,
+                generator=gen,
+                true_cfg_scale=args.true_cfg_scale,
+                transformer=transformer,
+                sigma_max=sigmas[1] if len(sigmas) > 1 else None,
+            )
             trajs.append(replace(t, sde_steps=[k + w for k in t.sde_steps], sigmas=sigmas))
         images = policy.decode(torch.cat([t.latents for t in trajs]), cond.grid)
         if args.paste_back:
@@ -173,7 +228,9 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         t0 = _now(dev)
         cond, _ = self._conditions(batch)
         n = cond.tokens.shape[0]
-        steps = self.window.steps(self.rollout_index, generator=torch.Generator().manual_seed(args.seed + self.rollout_index))
+        steps = self.window.steps(
+            self.rollout_index, generator=torch.Generator().manual_seed(args.seed + self.rollout_index)
+        )
         # Sampling noise: one generator per sample, keyed by (seed, rollout, position in the global generation batch),
         # so a resumed run draws the same noise and N processes x n samples draw exactly what 1 process x N*n draws.
         g = [keyed_generator(args.seed, self.rollout_index, acc.process_index * n + j) for j in range(n)]
@@ -196,9 +253,15 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         # Gather across processes before advantages: group statistics must see whole groups.
         all_scores = acc.gather(scores.to(dev))
         group_ids = acc.gather(batch["index"].to(dev))
-        res = compute_advantages(all_scores, [r.weight for r in self.rewards], group_ids, scale_rewards=args.scale_rewards,
-                                 aggregation=args.multi_objective_aggregation, adv_clip_max=args.adv_clip_max,
-                                 names=self.reward_names)  # fmt: skip
+        res = compute_advantages(
+            all_scores,
+            [r.weight for r in self.rewards],
+            group_ids,
+            scale_rewards=args.scale_rewards,
+            aggregation=args.multi_objective_aggregation,
+            adv_clip_max=args.adv_clip_max,
+            names=self.reward_names,
+        )
         local = slice(acc.process_index * n, (acc.process_index + 1) * n)
         adv = res.advantages[local].float().to(dev)
         token_adv = self._token_advantages(maps, group_ids, adv, cond)
@@ -208,7 +271,12 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         self.timings["advantages"].append(t3 - t2)
         for k, v in res.metrics.items():
             self._metrics["train"][k].append(float(v))
-        self._last_samples = {"batch": batch, "images": images.cpu(), "scores": scores.cpu(), "total": res.total_reward[local].cpu()}
+        self._last_samples = {
+            "batch": batch,
+            "images": images.cpu(),
+            "scores": scores.cpu(),
+            "total": res.total_reward[local].cpu(),
+        }
         return {
             "cond": cond,
             "states": torch.cat([t.states for t in trajs]),
@@ -231,10 +299,19 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             res = score_safely(r, list(batch["prompt"]), comps, **cols)
             out[:, j] = torch.tensor([float("nan") if s is None else s for s in res.scores])
             if res.n_failed:
-                logger.warning("reward %s could not score %d of %d samples%s", name, res.n_failed, len(comps),
-                               f": {res.error}" if res.error else "")  # fmt: skip
+                logger.warning(
+                    "reward %s could not score %d of %d samples%s",
+                    name,
+                    res.n_failed,
+                    len(comps),
+                    f": {res.error}" if res.error else "",
+                )
             m = res.maps
-            if self.args.spatial_advantage_mix > 0 and getattr(r, "provides_maps", False) and all(x is not None for x in m):
+            if (
+                self.args.spatial_advantage_mix > 0
+                and getattr(r, "provides_maps", False)
+                and all(x is not None for x in m)
+            ):
                 maps.append(torch.stack([x.float() for x in m]))
             else:
                 maps.append(None)
@@ -290,8 +367,13 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         args, sigmas = self.args, inputs["sigmas"]
         x, step = inputs["states"][:, j], inputs["sde_steps"][j]
         s, s_next = sigmas[step].item(), sigmas[step + 1].item()
-        v = self.policy.velocity(x, torch.full((x.shape[0],), s, device=x.device), inputs["cond"], transformer=model,
-                                 true_cfg_scale=args.true_cfg_scale)  # fmt: skip
+        v = self.policy.velocity(
+            x,
+            torch.full((x.shape[0],), s, device=x.device),
+            inputs["cond"],
+            transformer=model,
+            true_cfg_scale=args.true_cfg_scale,
+        )
         sigma_max = sigmas[1] if len(sigmas) > 1 else None
         return step_mean_std(args.sde_type, x, v, s, s_next, args.noise_level, sigma_max=sigma_max)
 
@@ -299,7 +381,10 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     def recompute_log_probs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs ``[B, K]`` and per-token ``[B, K, N]`` of the stored next states under the current policy:
         what ``compute_loss`` compares with ``old_log_probs`` (equal before any update: the ratio invariant)."""
-        out = [log_prob(inputs["next_states"][:, j], *self.step_distribution(model, inputs, j)) for j in range(len(inputs["sde_steps"]))]
+        out = [
+            log_prob(inputs["next_states"][:, j], *self.step_distribution(model, inputs, j))
+            for j in range(len(inputs["sde_steps"]))
+        ]
         return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
 
     def _reference_mean(self, model, inputs: dict, j: int) -> torch.Tensor:
@@ -326,7 +411,9 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
                 per, clip = clipped_surrogate(lp, inputs["old_log_probs"][:, j], adv, args.epsilon, eps_high)
             else:
                 # Per-token ratios against the rollout's per-token log-probs, weighted by per-token advantages.
-                per, clip = clipped_surrogate(lp_tok, inputs["old_log_prob_tokens"][:, j], tok_adv, args.epsilon, eps_high)
+                per, clip = clipped_surrogate(
+                    lp_tok, inputs["old_log_prob_tokens"][:, j], tok_adv, args.epsilon, eps_high
+                )
             step_loss = per.mean()
             if args.beta > 0:
                 kl, _ = kl_same_std(mean, self._reference_mean(model, inputs, j), std)
@@ -356,7 +443,12 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         logs = {**logs, **metrics}
         super().log(logs, start_time)
         self._metrics[mode].clear()
-        if mode == "train" and self.args.log_samples and self._last_samples is not None and self.accelerator.is_main_process:
+        if (
+            mode == "train"
+            and self.args.log_samples
+            and self._last_samples is not None
+            and self.accelerator.is_main_process
+        ):
             self._log_sample_table()
 
     def _log_sample_table(self) -> None:
@@ -377,14 +469,22 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
         for i in range(k):
             tgt = img(b["target"][i]) if "target" in b else None
-            row = [self.state.global_step, img(b["draft"][i]), img(b["reference"][i]), img(s["images"][i]), tgt, float(s["total"][i])]
+            row = [
+                self.state.global_step,
+                img(b["draft"][i]),
+                img(b["reference"][i]),
+                img(s["images"][i]),
+                tgt,
+                float(s["total"][i]),
+            ]
             table.add_data(*row, *[float(v) for v in s["scores"][i]])
         wandb.log({"samples": table}, commit=False)
 
     # ------------------------------------------------------------------------------------------ held-out
     @torch.no_grad()
-    def evaluate_rewards(self, dataset: TripletDataset | None = None, *, batch_size: int = 16, seed: int = 1234,
-                         use_ema: bool = True) -> dict[str, float]:  # fmt: skip
+    def evaluate_rewards(
+        self, dataset: TripletDataset | None = None, *, batch_size: int = 16, seed: int = 1234, use_ema: bool = True
+    ) -> dict[str, float]:
         """Mean rewards of ODE samples (the rollout's sampler without its SDE window) on held-out triplets.
 
         Uses the EMA weights when EMA is on (``use_ema``). Deterministic given ``seed``: the same noise for
@@ -451,7 +551,9 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         path = os.path.join(resume_from_checkpoint, EMA_FILE)
         if self.ema is not None:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"EMA is on but {path} is missing: resume with the same ema_decay the checkpoint was written with")
+                raise FileNotFoundError(
+                    f"EMA is on but {path} is missing: resume with the same ema_decay the checkpoint was written with"
+                )
             self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -465,7 +567,12 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             # The rollout counter follows the optimizer step, so window and noise continue where they stopped.
             self._step = step * self.args.gradient_accumulation_steps
             self._buffered_inputs = None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
 
 class EpochRepeatSampler(RepeatSampler):

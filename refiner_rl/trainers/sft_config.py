@@ -29,26 +29,40 @@ class FlowSFTConfig(TrainingArguments):
     """
 
     mask_weight: float = field(default=4.0, metadata={"help": "lambda in the per-token loss weight 1 + lambda * M."})
-    timestep_sampling: str = field(default="logit_normal", metadata={"help": f"Sigma sampling: {', '.join(TRAINING_SIGMA_SCHEMES)}."})
+    timestep_sampling: str = field(
+        default="logit_normal", metadata={"help": f"Sigma sampling: {', '.join(TRAINING_SIGMA_SCHEMES)}."}
+    )
     logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal sigma density."})
     logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal sigma density."})
     mode_scale: float = field(default=1.29, metadata={"help": "Scale of the `mode` sigma density."})
-    timestep_shift: float | None = field(default=None, metadata={"help": "Optional static shift of sampled sigmas (s' = k s / (1 + (k - 1) s))."})
-    loss_weighting: str = field(default="none", metadata={"help": f"SD3 loss weighting: {', '.join(LOSS_WEIGHTING_SCHEMES)}."})
-    caption_dropout: float = field(default=0.05, metadata={"help": "Probability of replacing the instruction with the empty prompt."})
+    timestep_shift: float | None = field(
+        default=None, metadata={"help": "Optional static shift of sampled sigmas (s' = k s / (1 + (k - 1) s))."}
+    )
+    loss_weighting: str = field(
+        default="none", metadata={"help": f"SD3 loss weighting: {', '.join(LOSS_WEIGHTING_SCHEMES)}."}
+    )
+    caption_dropout: float = field(
+        default=0.05, metadata={"help": "Probability of replacing the instruction with the empty prompt."}
+    )
 
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (1e-4 suits LoRA; use ~1e-5 for full fine-tuning)."})
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "AdamW learning rate (1e-4 suits LoRA; use ~1e-5 for full fine-tuning)."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns (must stay False)."})
     # `None | str | list[str]` in this order, as TrainingArguments: HfArgumentParser then reads a `str`.
-    report_to: None | str | list[str] = field(default="wandb", metadata={"help": "Loggers: wandb (offline without an API key), tensorboard, none."})
+    report_to: None | str | list[str] = field(
+        default="wandb", metadata={"help": "Loggers: wandb (offline without an API key), tensorboard, none."}
+    )
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps (atomic writes)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
 
     def __post_init__(self):
         if self.timestep_sampling not in TRAINING_SIGMA_SCHEMES:
-            raise ValueError(f"`timestep_sampling` must be one of {TRAINING_SIGMA_SCHEMES}, got {self.timestep_sampling!r}")
+            raise ValueError(
+                f"`timestep_sampling` must be one of {TRAINING_SIGMA_SCHEMES}, got {self.timestep_sampling!r}"
+            )
         if self.loss_weighting not in LOSS_WEIGHTING_SCHEMES:
             raise ValueError(f"`loss_weighting` must be one of {LOSS_WEIGHTING_SCHEMES}, got {self.loss_weighting!r}")
         if not 0.0 <= self.caption_dropout < 1.0:

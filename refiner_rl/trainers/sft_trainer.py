@@ -22,8 +22,14 @@ from refiner_rl.trainers.sft_config import FlowSFTConfig
 class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
     """``transformers.Trainer`` over a :class:`KontextPolicy`; only the transformer (or its LoRA) trains."""
 
-    def __init__(self, policy: KontextPolicy, args: FlowSFTConfig, train_dataset: TripletDataset,
-                 eval_dataset: TripletDataset | None = None, callbacks=None):  # fmt: skip
+    def __init__(
+        self,
+        policy: KontextPolicy,
+        args: FlowSFTConfig,
+        train_dataset: TripletDataset,
+        eval_dataset: TripletDataset | None = None,
+        callbacks=None,
+    ):
         self.policy = policy
         setup_wandb_env(args.report_to)
         self._setup_gradient_checkpointing(args)
@@ -61,7 +67,9 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
         if "prompt_embeds" in inputs:
             seq, pooled = inputs["prompt_embeds"].clone(), inputs["pooled_prompt_embeds"].clone()
             seq[drop], pooled[drop] = 0.0, 0.0  # precomputed embeddings: dropout zeroes them
-            return TextEmbeds(seq.to(self.policy.device, self.policy.dtype), pooled.to(self.policy.device, self.policy.dtype))
+            return TextEmbeds(
+                seq.to(self.policy.device, self.policy.dtype), pooled.to(self.policy.device, self.policy.dtype)
+            )
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         return self.policy.encode_prompts(prompts)
 
@@ -69,19 +77,32 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
         policy, args = self.policy, self.args
         dev = policy.device
         gens = self._sample_generators(inputs)
-        cond = policy.encode_conditions(inputs["draft"].to(dev), inputs["reference"].to(dev), text=self._text(inputs, gens))
+        cond = policy.encode_conditions(
+            inputs["draft"].to(dev), inputs["reference"].to(dev), text=self._text(inputs, gens)
+        )
         x0 = policy.encode_images(inputs["target"].to(dev))
-        sigma = torch.cat([
-            sample_training_sigmas(1, args.timestep_sampling, args.logit_mean, args.logit_std, args.mode_scale,
-                                   generator=g, shift=args.timestep_shift)
-            for g in gens
-        ]).to(dev)  # fmt: skip
+        sigma = torch.cat(
+            [
+                sample_training_sigmas(
+                    1,
+                    args.timestep_sampling,
+                    args.logit_mean,
+                    args.logit_std,
+                    args.mode_scale,
+                    generator=g,
+                    shift=args.timestep_shift,
+                )
+                for g in gens
+            ]
+        ).to(dev)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev, x0.dtype)
         s = sigma.view(-1, 1, 1)
         xt = (1.0 - s) * x0 + s * noise
         v = policy.velocity(xt, sigma, cond, transformer=model)
         mask_tokens = policy.mask_to_tokens(inputs["mask"])
-        loss = mask_weighted_flow_loss(v, noise - x0, mask_tokens, args.mask_weight, loss_weighting(sigma, args.loss_weighting))
+        loss = mask_weighted_flow_loss(
+            v, noise - x0, mask_tokens, args.mask_weight, loss_weighting(sigma, args.loss_weighting)
+        )
         return (loss, {"velocity": v}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
