@@ -1,11 +1,15 @@
 """Where a GRPO step's time goes, how much the trainer adds to the transformer calls, and what the SDE window
 and our learning settings buy.
 
-    python bench/grpo_step.py                                   # tiny shapes, CPU, all four parts
+    python bench/grpo_step.py                                   # tiny shapes, CPU, all five parts
     python bench/grpo_step.py --json                            # the same, one JSON object on stdout
     python bench/grpo_step.py --layers 2 --single_layers 2 --heads 4 --head_dim 32 --size 32 --skip ttr
+    # memory: one backward per trained step vs one over all of them, at a peer's shape: the bench's transformer,
+    # 64 px with 3,200 tokens per sample (3 x 1024 image + 128 text), LoRA r8, 6 sampling steps with 5 trained
+    python bench/grpo_step.py --skip breakdown overhead window ttr --size 64 --codec_factor 1 --text_len 128 \
+        --lora_rank 8 --sampling_steps 6 --trained_steps 5 --prompts 1 --threads 2 --compare_rss_mb 1215
 
-One run prints four parts:
+One run prints five parts:
 
 1. breakdown: the step's wall time split into rollout / reward / advantages / train (loss forward +
    backward) / other (optimizer step, Trainer loop, logging), and the peak RSS (and CUDA peak memory);
@@ -19,7 +23,14 @@ One run prints four parts:
 4. ttr (time to reward): on the tiny task, training wall time (held-out evaluation excluded) until the
    held-out reward reaches a fixed level (default: 5% better than the shared starting policy), for our
    settings vs peer-like ones (every step stochastic, all but the last trained, one advantage per image).
-   Target >= 3x.
+   Target >= 3x;
+5. memory: peak memory and step time of one backward per trained step (what training does) vs one backward
+   over all trained steps (``FlowGRPOTrainer.backward_per_step = False``), each run in a fresh process
+   (peak RSS = the process's VmHWM; on CUDA also ``torch.cuda.max_memory_allocated``), alternating for
+   ``--memory_rounds`` rounds; medians.
+
+Every timed setting reports its peak memory: the breakdown's from its own process; each window setting and
+each memory setting from a fresh process running it alone (``--probe_steps`` steps).
 
 CPU timings on a shared machine are noisy: compare numbers from the same run, and repeat.
 """
@@ -32,6 +43,7 @@ import logging
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,11 +59,11 @@ from transformers.trainer_callback import PrinterCallback
 from refiner_rl.data import TripletDataset, synthetic_records
 from refiner_rl.policies import KontextPolicy
 from refiner_rl.policies.kontext import DEFAULT_LORA_TARGETS
-from refiner_rl.scoring import build_rewards
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 
-PARTS = ("breakdown", "overhead", "window", "ttr")
+PARTS = ("breakdown", "overhead", "window", "ttr", "memory")
+BACKWARDS = {"per_step": {"backward_per_step": True}, "single": {"backward_per_step": False}}
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -76,6 +88,9 @@ def build_trainer(a, out_dir: str, **overrides) -> FlowGRPOTrainer:
         attention_head_dim=a.head_dim,
         joint_attention_dim=a.joint_dim,
         axes_dims_rope=rope_axes(a.head_dim),
+        text_max_length=a.text_len,
+        codec_factor=a.codec_factor,
+        guidance_embeds=a.guidance_embeds,
     )
     if a.lora_rank > 0:
         policy.add_lora(rank=a.lora_rank, target_modules=a.lora_targets.split(","))
@@ -104,13 +119,24 @@ def build_trainer(a, out_dir: str, **overrides) -> FlowGRPOTrainer:
         save_strategy="no",
         log_samples=False,
     )
+    overrides = dict(overrides)
+    per_step = overrides.pop("backward_per_step", True)
     cfg.update(overrides)
     args = FlowGRPOConfig(**cfg)
     records = synthetic_records(max(a.records, a.prompts), seed=a.seed, size=a.size)
     train = TripletDataset(records, None, multiple=policy.codec.downsample * 2)
-    trainer = FlowGRPOTrainer(policy, args, build_rewards(args.rewards), train)
+    trainer = FlowGRPOTrainer(policy, args=args, train_dataset=train)
+    trainer.backward_per_step = per_step
     trainer.remove_callback(PrinterCallback)  # keep stdout for the report
     return trainer
+
+
+def sequence_tokens(trainer: FlowGRPOTrainer) -> dict:
+    """Tokens of one sample's transformer sequence: target + draft + reference image tokens + text."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    cond, _ = trainer._conditions({k: v[:1] for k, v in batch.items()})
+    image, text = cond.num_target_tokens + cond.tokens.shape[1], cond.text.prompt_embeds.shape[1]
+    return {"image": image, "text": text, "total": image + text}
 
 
 def bare_calls(trainer: FlowGRPOTrainer):
@@ -122,6 +148,7 @@ def bare_calls(trainer: FlowGRPOTrainer):
     cond, _ = trainer._conditions(batch)
     dev, dtype = policy.device, policy.dtype
     cfg = args.true_cfg_scale > 1
+    guided = getattr(policy.transformer.config, "guidance_embeds", False)  # FLUX.1-Kontext-dev has it
 
     def inputs(b: int) -> dict:
         c = cond.select(slice(0, b))
@@ -134,13 +161,16 @@ def bare_calls(trainer: FlowGRPOTrainer):
                 torch.cat([seq, c.negative.prompt_embeds]),
                 torch.cat([pooled, c.negative.pooled]),
             )
+        rows = hidden.shape[0]
         return dict(
             hidden_states=hidden,
             encoder_hidden_states=seq.to(dtype),
             pooled_projections=pooled.to(dtype),
-            timestep=torch.full((hidden.shape[0],), 0.5, device=dev, dtype=dtype),
+            timestep=torch.full((rows,), 0.5, device=dev, dtype=dtype),
             img_ids=torch.cat([c.target_ids, c.ids]).to(dtype),
             txt_ids=torch.zeros(seq.shape[1], 3, device=dev, dtype=dtype),
+            # as KontextPolicy.velocity passes it to a guidance-distilled transformer
+            guidance=torch.full((rows,), float(policy.guidance_scale), device=dev) if guided else None,
             return_dict=False,
         )
 
@@ -206,9 +236,10 @@ def timed_run(a, with_bare: bool, **overrides) -> dict:
         trainer = build_trainer(a, tmp, **overrides)
         clock = StepClock(bare_calls(trainer) if with_bare else None, a.device)
         trainer.add_callback(clock)
-        if a.device != "cpu" and torch.cuda.is_available():
+        if torch.device(a.device).type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        tokens = sequence_tokens(trainer)
     w = a.warmup
     t = trainer.timings
     # Means, so that the phases add up to the step (one rollout and one micro-step per optimizer step here).
@@ -220,6 +251,8 @@ def timed_run(a, with_bare: bool, **overrides) -> dict:
         "step_median_s": statistics.median(clock.steps[w:]),
         "phases_s": per_step,
         "steps_s": clock.steps[w:],
+        "sequence_tokens": tokens,
+        "memory": peak_memory(a.device),
     }
     if with_bare:
         out["bare_s"] = statistics.fmean(clock.bares[w:])
@@ -246,28 +279,91 @@ def interleaved_steps(a, configs: dict[str, dict]) -> dict[str, dict]:
             t.model.train()
             loaders[k] = _forever(t.get_train_dataloader())
         times: dict[str, list[float]] = {k: [] for k in configs}
+        cuda = torch.device(a.device).type == "cuda"
+        cuda_peak = dict.fromkeys(configs, 0.0)
         for _ in range(a.warmup + a.iters):
             for k, t in trainers.items():
                 batch = next(loaders[k])
                 _sync(a.device)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 t.training_step(t.model, batch)
                 t.optimizer.step()
                 t.optimizer.zero_grad(set_to_none=True)
                 _sync(a.device)
                 times[k].append(time.perf_counter() - t0)
+                if cuda:  # this step's peak, above the other trainers' resident weights and optimizer states
+                    cuda_peak[k] = max(cuda_peak[k], torch.cuda.max_memory_allocated() / 2**20)
     w = a.warmup
     out = {}
     for k, t in trainers.items():
         phases = {p: statistics.fmean(t.timings[p][w:]) for p in ("rollout", "reward", "advantages", "train")}
         out[k] = {"step_s": statistics.median(times[k][w:]), "phases_s": phases}
+        if cuda:
+            out[k]["cuda_peak_allocated_mb"] = cuda_peak[k]
     return out
 
 
 def peak_memory(device) -> dict:
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """This process's peak resident memory (Linux: VmHWM of its own address space, which a fresh ``exec``
+    starts anew; ``ru_maxrss`` can carry the parent's peak over a fork) and, on CUDA, the peak allocated since
+    the last ``reset_peak_memory_stats``."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        pass
+    out = {"peak_rss_mb": rss}
     if torch.device(device).type == "cuda":
         out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# ------------------------------------------------------------------------------- one setting, fresh process
+def probe(a, argv: list[str], overrides: dict, steps: int | None = None) -> dict:
+    """Train one setting alone in a fresh process (this script with ``--probe``): its per-step times and peak
+    memory. ``steps`` replaces ``warmup + iters`` (warmup 1)."""
+    extra = ["--probe", json.dumps(overrides)]
+    if steps is not None:
+        extra += ["--warmup", "1", "--iters", str(max(1, steps - 1))]
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"probe {overrides} failed (rc={res.returncode}):\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout)
+
+
+def run_probe(a) -> dict:
+    """The ``--probe`` child: ``warmup + iters`` steps of the setting, no bare calls. ``import_rss_mb``: the
+    resident memory before anything is built (torch, transformers' Trainer, diffusers... imported)."""
+    imported = peak_memory("cpu")["peak_rss_mb"]
+    r = timed_run(a, with_bare=False, **json.loads(a.probe))
+    r["memory"]["import_rss_mb"] = imported
+    return {k: r[k] for k in ("step_s", "step_median_s", "steps_s", "sequence_tokens", "memory")}
+
+
+def memory_compare(a, argv: list[str]) -> dict:
+    """One backward per trained step vs one over all of them: fresh processes, alternating order per round;
+    per setting the median over rounds of peak RSS (CUDA peak) and of each run's median step time."""
+    runs: dict[str, list[dict]] = {k: [] for k in BACKWARDS}
+    for r in range(a.memory_rounds):
+        for k in list(BACKWARDS) if r % 2 == 0 else list(BACKWARDS)[::-1]:
+            runs[k].append(probe(a, argv, BACKWARDS[k]))
+    out: dict = {"rounds": a.memory_rounds, "sequence_tokens": runs["per_step"][0]["sequence_tokens"]}
+    for k, rs in runs.items():
+        mem = {m: statistics.median(x["memory"][m] for x in rs) for m in rs[0]["memory"]}
+        out[k] = {
+            "step_s": statistics.median(x["step_median_s"] for x in rs),
+            **mem,
+            "runs": [{"step_s": x["step_median_s"], **x["memory"]} for x in rs],
+        }
+    out["rss_ratio"] = out["per_step"]["peak_rss_mb"] / out["single"]["peak_rss_mb"]
+    out["time_ratio"] = out["per_step"]["step_s"] / out["single"]["step_s"]
+    if a.compare_rss_mb:
+        out["rss_vs_given"] = {k: out[k]["peak_rss_mb"] / a.compare_rss_mb for k in BACKWARDS}
     return out
 
 
@@ -305,7 +401,7 @@ class EvalUntil(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.train_s += time.perf_counter() - self._t
         if state.global_step % self.every == 0:
-            r = self.trainer.evaluate_rewards(self.dataset)["reward"]
+            r = self.trainer.evaluate(self.dataset)["eval_reward"]
             self.curve.append((state.global_step, round(self.train_s, 2), r))
             if r >= self.level and self.reached is None:
                 self.reached = self.train_s
@@ -347,7 +443,7 @@ def time_to_reward(a) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = build_trainer(tiny, tmp, **{**ttr_settings(a), **extra})
             if start is None:
-                start = trainer.evaluate_rewards(held_out)["reward"]
+                start = trainer.evaluate(held_out)["eval_reward"]
             level = start + a.ttr_gain * abs(start)
             cb = EvalUntil(trainer, held_out, a.ttr_eval_every, level, a.ttr_budget)
             trainer.add_callback(cb)
@@ -370,7 +466,12 @@ def _fmt_table(res: dict) -> str:
     lines = []
     if "breakdown" in res:
         b = res["breakdown"]
-        lines += ["step-time breakdown (mean s per optimizer step)", "-" * 48]
+        tok = b["sequence_tokens"]
+        lines += [
+            f"step-time breakdown (mean s per optimizer step; {tok['total']} tokens per sample: "
+            f"{tok['image']} image + {tok['text']} text)",
+            "-" * 48,
+        ]
         for k, v in b["phases_s"].items():
             lines.append(f"  {k:<12}{v:>10.4f}  {v / b['step_s']:>6.1%}")
         lines.append(f"  {'step':<12}{b['step_s']:>10.4f}")
@@ -406,6 +507,28 @@ def _fmt_table(res: dict) -> str:
             lines.append(
                 f"  {label:<49}{w[k + '_s']:.4f}  -> {w['speedup_' + k]:.2f}x (train phase {w['train_speedup_' + k]:.2f}x)"
             )
+    if "window" in res:
+        lines.append("  peak RSS of each setting alone (MB): " + _fmt_mem(res["window"]["memory"]))
+    if "memory_backward" in res:
+        m = res["memory_backward"]
+        tok = m["sequence_tokens"]
+        lines += [
+            "",
+            f"backward per trained step vs one over all (fresh processes, medians of {m['rounds']} rounds; "
+            f"{tok['total']} tokens per sample):",
+        ]
+        for k in BACKWARDS:
+            cuda = f", CUDA peak {m[k]['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in m[k] else ""
+            given = (
+                f" ({m['rss_vs_given'][k]:.2f}x the given {res['args']['compare_rss_mb']:.0f} MB)"
+                if ("rss_vs_given" in m)
+                else ""
+            )
+            lines.append(
+                f"  {k:<9} {m[k]['step_s']:.3f} s/step, peak RSS {m[k]['peak_rss_mb']:.0f} MB{given}{cuda}, "
+                f"{m[k]['peak_rss_mb'] - m[k]['import_rss_mb']:.0f} MB above the imports"
+            )
+        lines.append(f"  per_step / single: RSS {m['rss_ratio']:.3f}x, time {m['time_ratio']:.3f}x")
     if "ttr" in res:
         t = res["ttr"]
         lines += ["", f"time to reward: held-out reward {t['start_reward']:.5f} -> level {t['level']:.5f}"]
@@ -418,6 +541,10 @@ def _fmt_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _fmt_mem(mem: dict) -> str:
+    return ", ".join(f"{k} {v['peak_rss_mb']:.0f}" for k, v in mem.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("transformer")
@@ -426,10 +553,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--heads", type=int, default=2)
     g.add_argument("--head_dim", type=int, default=16)
     g.add_argument("--joint_dim", type=int, default=32, help="text embedding width (T5 d_model of the tiny encoder)")
+    g.add_argument("--text_len", type=int, default=32, help="text tokens (the tiny T5's max_sequence_length)")
+    g.add_argument("--codec_factor", type=int, default=2, help="pixels per latent side of the lossless codec")
+    g.add_argument("--guidance_embeds", action="store_true", help="a guidance-distilled transformer (as Kontext-dev)")
     g.add_argument("--lora_rank", type=int, default=16, help="0 = full fine-tuning")
     g.add_argument("--lora_targets", default=",".join(DEFAULT_LORA_TARGETS))
     g = p.add_argument_group("step")
-    g.add_argument("--size", type=int, default=16, help="image side in pixels")
+    g.add_argument(
+        "--size",
+        type=int,
+        default=16,
+        help="image side in pixels: (size / codec_factor / 2)^2 tokens per image, 3 images + text per sample",
+    )
     g.add_argument("--group", type=int, default=4, help="num_generations")
     g.add_argument("--prompts", type=int, default=4, help="conditions per step")
     g.add_argument("--sampling_steps", type=int, default=4)
@@ -451,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ttr_budget", type=float, default=120.0, help="training seconds per setting")
     g.add_argument("--ttr_max_steps", type=int, default=1000)
     g.add_argument("--ttr_ablations", action="store_true", help="also peer-like + each of our changes alone")
+    g = p.add_argument_group("memory")
+    g.add_argument("--memory_rounds", type=int, default=3, help="fresh-process runs per backward mode")
+    g.add_argument("--probe_steps", type=int, default=2, help="steps of each window setting's memory probe")
+    g.add_argument("--compare_rss_mb", type=float, default=None, help="a peak RSS to compare with (e.g. a peer's)")
+    g.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one setting, JSON overrides
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny shapes on a shared CPU)"
@@ -458,15 +598,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
     logging.disable(logging.WARNING)
+    if a.probe is not None:
+        print(json.dumps(run_probe(a)))
+        return 0
     res: dict = {"args": vars(a), "device": a.device}
     if "breakdown" not in a.skip or "overhead" not in a.skip:
         r = timed_run(a, with_bare="overhead" not in a.skip)
-        res["breakdown"] = {k: r[k] for k in ("step_s", "phases_s")}
-        res["memory"] = peak_memory(a.device)
+        res["breakdown"] = {k: r[k] for k in ("step_s", "phases_s", "sequence_tokens")}
+        res["memory"] = r["memory"]
         if "overhead" not in a.skip:
             res["overhead"] = {k: r[k] for k in ("step_s", "bare_s", "overhead")}
     if "window" not in a.skip:
@@ -475,23 +619,21 @@ def main(argv: list[str] | None = None) -> int:
         # The first with a coarse ODE tail (`rollout_tail_steps`, default 2) after the window as well.
         # Peer-like: every step but the last trained, independent initial noise.
         a10 = argparse.Namespace(**{**vars(a), "sampling_steps": 10})
-        runs = interleaved_steps(
-            a10,
-            {
-                "window_2_sliding": dict(
-                    sde_window_size=2, sde_window_mode="sliding", sde_window_max_start=4, shared_initial_noise=True
-                ),
-                "window_2_at_0": dict(sde_window_size=2, shared_initial_noise=True),
-                "window_2_sliding_tail": dict(
-                    sde_window_size=2,
-                    sde_window_mode="sliding",
-                    sde_window_max_start=4,
-                    shared_initial_noise=True,
-                    rollout_tail_steps=a.tail_steps,
-                ),
-                "all_but_last": dict(sde_window_size=9),
-            },
-        )
+        configs = {
+            "window_2_sliding": dict(
+                sde_window_size=2, sde_window_mode="sliding", sde_window_max_start=4, shared_initial_noise=True
+            ),
+            "window_2_at_0": dict(sde_window_size=2, shared_initial_noise=True),
+            "window_2_sliding_tail": dict(
+                sde_window_size=2,
+                sde_window_mode="sliding",
+                sde_window_max_start=4,
+                shared_initial_noise=True,
+                rollout_tail_steps=a.tail_steps,
+            ),
+            "all_but_last": dict(sde_window_size=9),
+        }
+        runs = interleaved_steps(a10, configs)
         long = runs["all_but_last"]
         res["window"] = {
             "sampling_steps": 10,
@@ -504,9 +646,19 @@ def main(argv: list[str] | None = None) -> int:
                 if k != "all_but_last"
             },
             "phases_s": {k: r["phases_s"] for k, r in runs.items()},
+            # each setting alone in a fresh process (the interleaved run holds all four trainers at once)
+            "memory": {
+                k: probe(a, argv + ["--sampling_steps", "10"], ov, steps=a.probe_steps)["memory"]
+                for k, ov in configs.items()
+            },
         }
+        for k, r in runs.items():
+            if "cuda_peak_allocated_mb" in r:
+                res["window"]["memory"][k]["cuda_peak_allocated_mb_interleaved"] = r["cuda_peak_allocated_mb"]
     if "ttr" not in a.skip:
         res["ttr"] = time_to_reward(a)
+    if "memory" not in a.skip:
+        res["memory_backward"] = memory_compare(a, argv)
     print(json.dumps(res, indent=2, default=str) if a.json else _fmt_table(res))
     return 0
 

@@ -27,8 +27,12 @@ import time
 
 import torch
 
-from refiner_rl.rewards.patch_dreamsim import DREAMSIM_SIZE, PatchDreamSim, make_random_dreamsim_cache
+from refiner_rl.rewards.patch_dreamsim import DREAMSIM_SIZE, PatchDreamSim
 from refiner_rl.scoring.patches import crop_resize
+
+# The random-weight DreamSim cache writer is test tooling (tests/dreamsim_cache.py), not part of the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.dreamsim_cache import make_random_dreamsim_cache  # noqa: E402
 
 MODEL_SIZES = {"tiny": (32, 2), "small": (384, 6), "base": (768, 12)}  # (embed dim, heads); depth 12
 

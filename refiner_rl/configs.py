@@ -90,6 +90,19 @@ class ModelArguments:
         if self.lora_r < 1:
             raise ValueError("`lora_r` must be >= 1")
 
+    def lora_config(self):
+        """The peft ``LoraConfig`` these arguments describe, or None without ``use_lora``."""
+        if not self.use_lora:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha if self.lora_alpha is not None else self.lora_r,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules),
+        )
+
     def resolve_dtype(self, device: torch.device | str) -> torch.dtype:
         if self.torch_dtype == "auto":
             return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -98,10 +111,20 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Where the triplets come from.
+    """Where the triplets come from and how they are read.
 
-    ``dataset`` is a JSONL/parquet file, a folder holding ``records.jsonl``, a ``datasets`` name, or
-    ``synthetic`` (the generated set of the embedded default)."""
+    Source:
+        dataset, dataset_split, eval_dataset: a JSONL/parquet file, a folder holding ``records.jsonl``, a
+            ``datasets`` name, or ``synthetic`` (the generated set of the embedded default).
+    Reading:
+        resolution, buckets, skip_invalid_records, alpha_background (how transparent pixels are flattened),
+        dataset_num_proc (processes of the validation pass), dataset_cache_dir (where ``datasets`` keeps the
+        Arrow files and the cached validation; a second start with the same files skips validation).
+    Synthetic set:
+        synthetic_records, synthetic_eval_records, synthetic_size, synthetic_seed; the reference's geometry
+        (synthetic_geometry and its synthetic_shift_fraction, synthetic_zoom_range, synthetic_warp,
+        synthetic_color_jitter), synthetic_degrade, synthetic_textures.
+    """
 
     dataset: str = field(
         default="synthetic",
@@ -124,6 +147,20 @@ class DataArguments:
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Skip and count bad records instead of stopping with an error naming them."}
     )
+    alpha_background: str = field(
+        default="white",
+        metadata={
+            "help": "Colour transparent pixels of draft/reference/target are composited on ('white', 'black', "
+            "'#808080', ...), or 'error' to reject images with transparency. Masks are always composited on black."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes that validate the records (datasets' `num_proc`); None: one."}
+    )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache folder of `datasets` (Arrow files, cached validation); None: HF_DATASETS_CACHE."},
+    )
     synthetic_records: int = field(
         default=512, metadata={"help": "Number of synthetic training records (dataset: synthetic)."}
     )
@@ -132,9 +169,47 @@ class DataArguments:
     synthetic_seed: int = field(
         default=1234, metadata={"help": "Seed of the synthetic set (held-out set uses seed + 1)."}
     )
+    synthetic_geometry: str = field(
+        default="aligned",
+        metadata={
+            "help": "Where the region's detail sits in the synthetic reference: aligned, shifted, zoomed, view, a "
+            "comma list of them (an even mix) or name=weight pairs (e.g. 'aligned=1,zoomed=3')."
+        },
+    )
+    synthetic_shift_fraction: float = field(
+        default=0.25, metadata={"help": "Largest pan of a `shifted` reference, as a fraction of the image side."}
+    )
+    synthetic_zoom_range: list[float] = field(
+        default_factory=lambda: [1.5, 2.0],
+        metadata={"help": "[min, max] magnification of a `zoomed` reference (min * region side must fit the image)."},
+    )
+    synthetic_warp: float = field(
+        default=0.08, metadata={"help": "Largest corner move of a `view` reference's perspective warp, as a fraction."}
+    )
+    synthetic_color_jitter: float = field(
+        default=0.2, metadata={"help": "Colour change of a `view` reference: per-channel gain 1 +- j, bias +- j/2."}
+    )
+    synthetic_degrade: str = field(
+        default="pool", metadata={"help": "How the draft's region is degraded: pool, blur, jpeg joined by '+'."}
+    )
+    synthetic_textures: str = field(
+        default="classic",
+        metadata={"help": "Detail kinds: classic (stripes, checkers, blocks, glyphs); extended adds noise, strokes."},
+    )
 
-    def build(self, *, multiple: int, require_target: bool = True, eval: bool = False):
-        """The training (or held-out) :class:`TripletDataset`."""
+    def __post_init__(self):
+        from refiner_rl.data.images import check_alpha_background
+        from refiner_rl.errors import ConfigError, DataError
+
+        try:
+            check_alpha_background(self.alpha_background)
+        except DataError as e:
+            raise ConfigError(f"`alpha_background`: {e}") from e
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ConfigError(f"`dataset_num_proc` must be >= 1 or unset, got {self.dataset_num_proc}")
+
+    def build(self, *, multiple: int, eval: bool = False):
+        """The training (or held-out) :class:`TripletDataset`; ``None`` when no held-out set is asked for."""
         from refiner_rl.data import TripletDataset, load_records, synthetic_records
 
         source = self.eval_dataset if eval else self.dataset
@@ -142,19 +217,32 @@ class DataArguments:
             if self.dataset != "synthetic":
                 return None
             source = "synthetic"
-        kwargs = dict(
+        if source == "synthetic":
+            n = self.synthetic_eval_records if eval else self.synthetic_records
+            seed = self.synthetic_seed + (1 if eval else 0)
+            source = synthetic_records(
+                n,
+                seed=seed,
+                size=self.synthetic_size,
+                geometry=self.synthetic_geometry,
+                shift_fraction=self.synthetic_shift_fraction,
+                zoom_range=tuple(self.synthetic_zoom_range),
+                warp=self.synthetic_warp,
+                color_jitter=self.synthetic_color_jitter,
+                degrade=self.synthetic_degrade,
+                textures=self.synthetic_textures,
+            )
+        else:
+            source = load_records(source, split=self.dataset_split, cache_dir=self.dataset_cache_dir)
+        return TripletDataset(
+            source,
             resolution=self.resolution,
             buckets=self.buckets,
             multiple=multiple,
             skip_invalid=self.skip_invalid_records,
-            require_target=require_target,
+            alpha_background=self.alpha_background,
+            num_proc=self.dataset_num_proc,
         )
-        if source == "synthetic":
-            n = self.synthetic_eval_records if eval else self.synthetic_records
-            seed = self.synthetic_seed + (1 if eval else 0)
-            return TripletDataset(synthetic_records(n, seed=seed, size=self.synthetic_size), None, **kwargs)
-        records, base_dir = load_records(source, split=self.dataset_split)
-        return TripletDataset(records, base_dir, **kwargs)
 
 
 def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu"):
@@ -181,9 +269,7 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
         )
     policy.guidance_scale = model_args.guidance_scale
     if model_args.use_lora:
-        policy.add_lora(
-            model_args.lora_r, model_args.lora_alpha, model_args.lora_target_modules, model_args.lora_dropout
-        )
+        policy.add_lora(model_args.lora_config())
         if model_args.init_lora_path:
             policy.load_lora(model_args.init_lora_path)
     elif model_args.init_lora_path:
@@ -191,3 +277,27 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
             "`init_lora_path` needs `use_lora: true` (the adapter is loaded into a LoRA of the same shape)"
         )
     return policy.to(device)
+
+
+def resolve_policy(model, args, peft_config=None):
+    """The trainers' ``model`` argument as a policy: a :class:`KontextPolicy` as given, or ``"tiny"`` / a diffusers
+    repo id / a local folder loaded (no LoRA, on ``args``' device); ``peft_config`` (a peft ``LoraConfig``) is
+    then attached to its transformer."""
+    from refiner_rl.errors import ConfigError
+    from refiner_rl.policies import KontextPolicy
+
+    if isinstance(model, str):
+        device = "cpu" if getattr(args, "use_cpu", False) else args.device
+        policy = build_policy(ModelArguments(model_name_or_path=model, use_lora=False), device)
+    elif isinstance(model, KontextPolicy):
+        policy = model
+    else:
+        raise ConfigError(
+            f"`model` must be a KontextPolicy, 'tiny', a diffusers repo id or a local folder, got {type(model).__name__}"
+        )
+    if peft_config is not None:
+        if policy.has_lora:
+            raise ConfigError("`peft_config` given for a policy that already has a LoRA adapter: pass one or the other")
+        policy.add_lora(peft_config)
+        policy.transformer.to(policy.device)  # the new adapter's weights join the transformer's device
+    return policy

@@ -1,4 +1,4 @@
-"""Process groups, DeepSpeed and ZeRO-3 helpers, so users and tests never repeat the CPU recipe (SPEC §6).
+"""Process groups, DeepSpeed and ZeRO-3 helpers, so users and tests never repeat the CPU recipe.
 
 What ``accelerate launch`` leaves to the program on a machine without CUDA (measured with accelerate 1.15,
 deepspeed 0.19.8, transformers 5.23):

@@ -1,6 +1,6 @@
 """``dino_similarity``: cosine similarity of DINOv2 embeddings of the sample and the ground truth.
 
-OmniRefiner reports "DINOv2 similarity" (SPEC §2.1); this reward computes it, mask-aware:
+OmniRefiner reports "DINOv2 similarity" (arXiv 2511.19990); this reward computes it, mask-aware:
 
 - ``region: bbox`` (default): both images are cropped to the mask's bounding box grown by ``dilation``
   pixels (no mask = whole image; an empty mask scores ``None``);
@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from refiner_rl.errors import CheckpointError
 from refiner_rl.scoring.base import (
     Reward,
     as_image_tensor,
@@ -57,7 +58,7 @@ def load_dinov2(
                 model_name_or_path, revision=revision, use_safetensors=True, dtype=dtype
             )
     except (OSError, ValueError) as e:
-        raise OSError(
+        raise CheckpointError(
             f"dino_similarity: cannot load DINOv2 from model_name_or_path={model_name_or_path!r} ({e}). Offline, point "
             "it at a local folder holding config.json and model.safetensors, fetched once on a machine with internet, "
             f"e.g. `hf download {model_name_or_path} --local-dir DIR`, then set `model_name_or_path: DIR`."
@@ -72,7 +73,6 @@ class DinoSimilarity(Reward):
     name = "dino_similarity"
     required_fields = ("target",)
     optional_fields = ("mask",)
-    kind = "pointwise"
     provides_maps = True
 
     def __init__(
@@ -86,11 +86,10 @@ class DinoSimilarity(Reward):
         batch_size: int = 32,
         revision: str | None = None,
         model: torch.nn.Module | None = None,
-        weight: float = 1.0,
         device: Any = None,
         dtype: Any = None,
     ):
-        super().__init__(weight=weight, device=device, dtype=dtype)
+        super().__init__(device=device, dtype=dtype)
         if compare_to not in ("target", "reference"):
             raise ValueError(f"dino_similarity: compare_to must be 'target' or 'reference', got {compare_to!r}")
         if region not in ("bbox", "full"):

@@ -5,7 +5,7 @@
 
 in ``[0, 1]`` pixel space, so the reward lies in ``[-1, 0]`` and 0 is a perfect match. ``M`` is the mask
 (``region: inside``, OmniRefiner's "masked MSE for detail learning") or ``1 - M`` (``region: outside``: the
-"keep everything else unchanged" regulariser, SPEC §6). Soft masks weight pixels by their value. Without a
+"keep everything else unchanged" regulariser against reward hacking). Soft masks weight pixels by their value. Without a
 mask column the region is the whole image (``inside``) or empty (``outside``). An empty region scores
 ``None``. With ``patch_size`` the reward also gives a map: each grid cell's own masked error, NaN where the
 cell holds no region pixel.
@@ -36,7 +36,6 @@ class MaskedPixel(Reward):
     name = "masked_pixel"
     required_fields = ("target",)
     optional_fields = ("mask",)
-    kind = "pointwise"
     provides_maps = True
 
     def __init__(
@@ -44,11 +43,10 @@ class MaskedPixel(Reward):
         error: Literal["l2", "l1"] = "l2",
         region: Literal["inside", "outside"] = "inside",
         patch_size: int | None = None,
-        weight: float = 1.0,
         device: Any = None,
         dtype: Any = None,
     ):
-        super().__init__(weight=weight, device=device, dtype=dtype)
+        super().__init__(device=device, dtype=dtype)
         if error not in ("l2", "l1"):
             raise ValueError(f"masked_pixel: error must be 'l2' or 'l1', got {error!r}")
         if region not in ("inside", "outside"):

@@ -1,6 +1,6 @@
 """``patch_dreamsim``: DreamSim similarity of the sample and the ground truth, patch by patch.
 
-OmniRefiner (SPEC §2.1) scores each GRPO sample with a DreamSim term "for overall consistency" and calls
+OmniRefiner (arXiv 2511.19990) scores each GRPO sample with a DreamSim term "for overall consistency" and calls
 the reward patch-wise; its patch size and selection are not published, so they are options here:
 
 - ``selection: bbox`` (default): patches of ``patch_size`` tiling the mask's bounding box grown by
@@ -25,9 +25,10 @@ construction fails at once with the command that fetches them, unless ``allow_do
 default, ``ensemble``, runs three ViT-B backbones (DINO, CLIP, OpenCLIP), three times the cost per patch, and
 a patch reward runs thousands of patches per step; choose ``ensemble`` where its accuracy is worth it.
 
-Tests and the benchmark use :func:`make_random_dreamsim_cache`, which writes a cache folder with the same
-layout and random weights (a small ViT with the 12 blocks DreamSim reads from), and load it through the same
-``dreamsim.dreamsim(...)`` call as a real run. :meth:`PatchDreamSim.from_model` injects a prebuilt model.
+``cache_dir`` defaults to a per-user cache, ``$XDG_CACHE_HOME/refiner_rl/dreamsim`` (``~/.cache/refiner_rl/dreamsim``
+without ``XDG_CACHE_HOME``; :func:`default_cache_dir`). Tests and the benchmark write a cache folder with the
+same layout and random weights (``tests/dreamsim_cache.py``) and load it through the same ``dreamsim.dreamsim(...)``
+call as a real run. :meth:`PatchDreamSim.from_model` injects a prebuilt model.
 The model is built outside ZeRO-3 partitioning (:func:`outside_zero3_init`), frozen, and run under
 ``torch.inference_mode``.
 """
@@ -44,6 +45,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from refiner_rl.errors import CheckpointError
 from refiner_rl.scoring.base import (
     Reward,
     as_image_tensor,
@@ -66,7 +68,6 @@ from refiner_rl.scoring.patches import (
 from refiner_rl.scoring.registry import register_reward
 
 DREAMSIM_SIZE = 224  # DreamSim's input resolution
-DEFAULT_CACHE_DIR = "./models"  # dreamsim's own default
 DEFAULT_DREAMSIM_TYPE = "dino_vitb16"
 
 # What dreamsim 0.2.1's download_weights() checks for, per type...
@@ -117,6 +118,14 @@ def missing_cache_files(cache_dir: str, dreamsim_type: str) -> list[str]:
     return [f for f in required_cache_files(dreamsim_type) if not os.path.exists(os.path.join(cache_dir, f))]
 
 
+def default_cache_dir() -> str:
+    """Where the DreamSim checkpoint folder is looked for when ``cache_dir`` is not set: a per-user cache,
+    ``$XDG_CACHE_HOME/refiner_rl/dreamsim`` (``~/.cache/refiner_rl/dreamsim`` without ``XDG_CACHE_HOME``), not
+    dreamsim's own ``./models`` in the working directory."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "refiner_rl", "dreamsim")
+
+
 def _offline() -> bool:
     return any(
         os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
@@ -125,7 +134,7 @@ def _offline() -> bool:
 
 
 @contextlib.contextmanager
-def _keep_torch_hub_dir() -> Iterator[None]:
+def keep_torch_hub_dir() -> Iterator[None]:
     """dreamsim calls ``torch.hub.set_dir(cache_dir)`` (process-wide); put the previous value back."""
     saved = getattr(torch.hub, "_hub_dir", None)
     try:
@@ -142,13 +151,13 @@ def load_dreamsim(
 ) -> torch.nn.Module:
     """The DreamSim model from ``cache_dir`` through ``dreamsim.dreamsim(pretrained=True, ...)``, frozen.
 
-    Missing files raise ``FileNotFoundError`` before dreamsim tries the network, unless downloads are
+    Missing files raise :class:`~refiner_rl.errors.CheckpointError` before dreamsim tries the network, unless downloads are
     allowed (``allow_download`` and no ``HF_HUB_OFFLINE``)."""
-    cache_dir = os.path.abspath(os.fspath(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR))
+    cache_dir = os.path.abspath(os.fspath(cache_dir if cache_dir is not None else default_cache_dir()))
     missing = missing_cache_files(cache_dir, dreamsim_type)
     if missing and (not allow_download or _offline()):
         why = "HF_HUB_OFFLINE is set" if _offline() else "allow_download is false"
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"patch_dreamsim: DreamSim weights for dreamsim_type={dreamsim_type!r} are not in cache_dir={cache_dir!r} "
             f"(missing: {', '.join(missing)}) and downloads are off ({why}). Fetch them once on a machine with "
             f"internet:\n    python -c \"from dreamsim import dreamsim; dreamsim(pretrained=True, device='cpu', "
@@ -163,7 +172,7 @@ def load_dreamsim(
     # dreamsim prints progress on stdout; keep stdout clean for `refiner-rl rewards score --json`.
     with (
         outside_zero3_init(),
-        _keep_torch_hub_dir(),
+        keep_torch_hub_dir(),
         contextlib.redirect_stdout(sys.stderr),
         warnings.catch_warnings(),
         torch.random.fork_rng(devices=[]),  # DINOHead's random init must not move the caller's RNG
@@ -182,87 +191,6 @@ def load_dreamsim(
     return freeze(model)
 
 
-def make_random_dreamsim_cache(
-    cache_dir: str | os.PathLike,
-    *,
-    embed_dim: int = 32,
-    num_heads: int = 2,
-    depth: int = 12,
-    mlp_ratio: float = 2.0,
-    lora_rank: int = 4,
-    seed: int = 0,
-) -> str:
-    """Write a ``dino_vitb16`` DreamSim cache folder with random weights and no download.
-
-    Same layout and file formats as the real one (torch-hub code ``facebookresearch_dino_main/hubconf.py``,
-    backbone ``checkpoints/dino_vitbase16_pretrain.pth``, head ``dino_vitb16_pretrain.pth``, LoRA adapter
-    ``dino_vitb16_single_lora/``), so ``load_dreamsim(cache_dir)`` exercises the real loading path. The
-    backbone is dreamsim's own ``VisionTransformer`` with a small width; ``depth`` must be at least 12 because
-    DreamSim reads block 11. For tests and benchmarks only: the scores mean nothing.
-    """
-    if depth < 12:
-        raise ValueError("DreamSim reads the output of ViT block 11: depth must be >= 12")
-    from dreamsim.feature_extraction.vision_transformer import VisionTransformer
-    from dreamsim.model import PerceptualModel
-    from peft import LoraConfig, get_peft_model
-
-    cache_dir = os.path.abspath(os.fspath(cache_dir))
-    hub_repo = os.path.join(cache_dir, "facebookresearch_dino_main")
-    os.makedirs(hub_repo, exist_ok=True)
-    os.makedirs(os.path.join(cache_dir, "checkpoints"), exist_ok=True)
-    kwargs = {
-        "patch_size": 16,
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": num_heads,
-        "mlp_ratio": mlp_ratio,
-        "qkv_bias": True,
-        "num_classes": 0,
-    }
-    with open(os.path.join(hub_repo, "hubconf.py"), "w") as f:
-        f.write(
-            "# Random-weight stand-in for facebookresearch/dino written by refiner_rl (tests/benchmarks only).\n"
-            "import os\nimport torch\n"
-            "from dreamsim.feature_extraction.vision_transformer import VisionTransformer\n\n"
-            "dependencies = ['torch']\n\n\n"
-            "def dino_vitb16(pretrained=True, **kwargs):\n"
-            f"    model = VisionTransformer(**{kwargs!r}, **kwargs)\n"
-            "    if pretrained:\n"
-            "        path = os.path.join(torch.hub.get_dir(), 'checkpoints', 'dino_vitbase16_pretrain.pth')\n"
-            "        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))\n"
-            "    return model\n"
-        )
-    # Seeded, and without moving the caller's RNG: the same seed writes the same weights.
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*weight_norm` is deprecated")
-        torch.manual_seed(seed)
-        backbone = VisionTransformer(**kwargs)
-        torch.save(backbone.state_dict(), os.path.join(cache_dir, "checkpoints", "dino_vitbase16_pretrain.pth"))
-        # dreamsim loads the DINO projection head but does not use it for `cls` features: tiny tensors.
-        names = ("mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight")
-        head = {f"module.head.{k}": torch.randn(2, 2) for k in names}
-        head.update({f"module.head.{k}": torch.randn(2) for k in ("mlp.0.bias", "mlp.2.bias", "mlp.4.bias")})
-        torch.save({"student": head}, os.path.join(cache_dir, "dino_vitb16_pretrain.pth"))
-
-        with _keep_torch_hub_dir(), contextlib.redirect_stdout(sys.stderr):
-            base = PerceptualModel(
-                model_type="dino_vitb16",
-                feat_type="cls",
-                stride="16",
-                lora=True,
-                load_dir=cache_dir,
-                device="cpu",
-                normalize_embeds=True,
-            )
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, bias="none", target_modules=["qkv"])
-        lora = get_peft_model(base, config)
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:  # a fresh LoRA is the identity (B = 0); make the adapter matter
-                p.data = torch.randn(p.shape) * 0.02
-        lora.save_pretrained(os.path.join(cache_dir, "dino_vitb16_single_lora"))
-    return cache_dir
-
-
 @register_reward
 class PatchDreamSim(Reward):
     """1 - DreamSim distance between sample and ground-truth patches (mask box and/or grid), with a per-patch map."""
@@ -270,7 +198,6 @@ class PatchDreamSim(Reward):
     name = "patch_dreamsim"
     required_fields = ("target",)
     optional_fields = ("mask",)
-    kind = "pointwise"
     provides_maps = True
 
     def __init__(
@@ -285,11 +212,10 @@ class PatchDreamSim(Reward):
         batch_size: int = 64,
         allow_download: bool = False,
         model: torch.nn.Module | None = None,
-        weight: float = 1.0,
         device: Any = None,
         dtype: Any = None,
     ):
-        super().__init__(weight=weight, device=device, dtype=dtype)
+        super().__init__(device=device, dtype=dtype)
         if int(patch_size) < 1:
             raise ValueError(f"patch_dreamsim: patch_size must be a positive number of pixels, got {patch_size!r}")
         if compare_to not in ("target", "reference"):

@@ -19,7 +19,7 @@ def small_policy(lora: bool = False, rank: int = 4, **overrides) -> KontextPolic
 
 
 def perturb_lora(policy: KontextPolicy, scale: float = 0.05, seed: int = 1) -> None:
-    """LoRA B starts at zero, so a fresh adapter equals its reference (SPEC §6): give it some weight."""
+    """LoRA B starts at zero, so a fresh adapter equals its reference (KL 0, ratio 1): give it some weight."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in policy.transformer.named_parameters():

@@ -1,4 +1,4 @@
-"""Data parallel and DeepSpeed ZeRO on a CPU: two processes train exactly like one (SPEC §6).
+"""Data parallel and DeepSpeed ZeRO on a CPU: two processes train exactly like one.
 
 The launch tests start the CLI the way a user does,
 

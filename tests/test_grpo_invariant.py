@@ -1,4 +1,4 @@
-"""The GRPO invariant (SPEC §3): before the first update, the log-prob recomputed in training equals the one
+"""The GRPO invariant (docs/algorithms.md): before the first update, the log-prob recomputed in training equals the one
 stored at rollout, |ratio - 1| < 1e-5 in fp32, for every step rule, LoRA and full fine-tuning, with and
 without true CFG. Driven through the trainer's own rollout (``_prepare_inputs``) and the recompute that
 ``compute_loss`` uses (``step_distribution``), then through ``compute_loss`` itself and its logged metrics."""
@@ -6,7 +6,6 @@ without true CFG. Driven through the trainer's own rollout (``_prepare_inputs``)
 import pytest
 import torch
 
-from refiner_rl.scoring import build_rewards
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 from tests.helpers import perturb_lora, small_policy, synthetic_dataset
@@ -35,7 +34,7 @@ def _trainer(tmp_path, lora: bool, **kw) -> FlowGRPOTrainer:
         rewards=[{"name": "masked_pixel", "weight": 1.0}],
     )
     args = FlowGRPOConfig(**{**base, **kw})
-    return FlowGRPOTrainer(policy, args, build_rewards(args.rewards), synthetic_dataset(4, size=16))
+    return FlowGRPOTrainer(policy, args=args, train_dataset=synthetic_dataset(4, size=16))
 
 
 def _check_micro_batches(trainer: FlowGRPOTrainer) -> None:
@@ -98,10 +97,10 @@ def test_a_perturbed_adapter_has_a_positive_kl_and_a_fresh_one_has_none(tmp_path
     trainer.compute_loss(trainer.model, inputs)
     assert trainer._metrics["train"]["kl"][-1] > 1e-8
 
-    fresh = FlowGRPOTrainer(small_policy(lora=True), trainer.args, trainer.rewards, trainer.train_dataset)
+    fresh = FlowGRPOTrainer(small_policy(lora=True), args=trainer.args, train_dataset=trainer.train_dataset)
     inputs = fresh._prepare_inputs(batch)
     fresh.compute_loss(fresh.model, inputs)
-    assert fresh._metrics["train"]["kl"][-1] == 0.0  # B = 0: the adapter equals its reference (SPEC §6)
+    assert fresh._metrics["train"]["kl"][-1] == 0.0  # B = 0: the adapter equals its reference
 
 
 def test_shared_initial_noise_branches_each_group_at_the_window(tmp_path):

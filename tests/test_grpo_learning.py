@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from refiner_rl.data import TripletDataset, synthetic_records
-from refiner_rl.scoring import build_rewards
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 from tests.helpers import small_policy
@@ -72,12 +71,16 @@ def _run(tmp_path, dino_dir: str, sign: float, steps: int) -> dict:
     )
     train = TripletDataset(synthetic_records(64, seed=0, size=SIZE), None, multiple=4)
     held_out = TripletDataset(synthetic_records(16, seed=1, size=SIZE), None, multiple=4)
-    trainer = FlowGRPOTrainer(small_policy(), args, build_rewards(rewards), train, eval_dataset=held_out)
-    before = trainer.evaluate_rewards()
+    trainer = FlowGRPOTrainer(small_policy(), args=args, train_dataset=train, eval_dataset=held_out)
+    before = _unprefixed(trainer.evaluate())
     trainer.train()
-    after = trainer.evaluate_rewards()
+    after = _unprefixed(trainer.evaluate())
     logs = [h for h in trainer.state.log_history if "reward" in h]
     return {"before": before, "after": after, "logs": logs}
+
+
+def _unprefixed(metrics: dict) -> dict:
+    return {k.removeprefix("eval_"): v for k, v in metrics.items()}
 
 
 def _mean(xs):

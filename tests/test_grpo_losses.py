@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from refiner_rl.dynamics import kl_same_std
-from refiner_rl.scoring import build_rewards
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 from refiner_rl.trainers.losses import clipped_surrogate
@@ -73,7 +72,7 @@ def _trainer(tmp_path, **kw) -> FlowGRPOTrainer:
         rewards=[{"name": "masked_pixel"}],
     )
     args = FlowGRPOConfig(**{**base, **kw})
-    return FlowGRPOTrainer(policy, args, build_rewards(args.rewards), synthetic_dataset(4, size=16))
+    return FlowGRPOTrainer(policy, args=args, train_dataset=synthetic_dataset(4, size=16))
 
 
 def test_trainer_loss_and_logged_kl_follow_the_formulas(tmp_path):

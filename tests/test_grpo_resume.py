@@ -1,4 +1,4 @@
-"""Resume (SPEC §6: the anchors' resume was a silent no-op): N steps + resume + N steps logs the same metrics
+"""Resume (DanceGRPO's and MixGRPO's resume is a silent no-op): N steps + resume + N steps logs the same metrics
 and ends with the same LoRA and EMA weights as 2N uninterrupted steps, with a sliding SDE window, EMA, a
 rollout reused for two updates and a resume on an epoch boundary. Checkpoints are written atomically."""
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from refiner_rl.scoring import build_rewards
+from refiner_rl.errors import CheckpointError
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import EMA_DIR, EMA_FILE, FlowGRPOTrainer
 from tests.helpers import small_policy, synthetic_dataset
@@ -49,7 +49,7 @@ def _trainer(out_dir) -> FlowGRPOTrainer:
         disable_tqdm=True,
         rewards=[{"name": "masked_pixel", "weight": 1.0}, {"name": "masked_pixel", "region": "outside", "weight": 0.5}],
     )
-    return RecordingTrainer(small_policy(lora=True), args, build_rewards(args.rewards), synthetic_dataset(4, size=16))
+    return RecordingTrainer(small_policy(lora=True), args=args, train_dataset=synthetic_dataset(4, size=16))
 
 
 def _logs(trainer) -> list[dict]:
@@ -119,5 +119,5 @@ def test_missing_ema_state_on_resume_says_what_to_do(tmp_path):
     ck = tmp_path / "run" / f"checkpoint-{N}"
     os.remove(ck / EMA_FILE)
     again = _trainer(tmp_path / "run2")
-    with pytest.raises(FileNotFoundError, match="same ema_decay"):
+    with pytest.raises(CheckpointError, match="same ema_decay"):
         again.train(resume_from_checkpoint=str(ck))

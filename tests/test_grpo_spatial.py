@@ -48,10 +48,9 @@ def _trainer(tmp_path, reward, mix: float, **kw) -> FlowGRPOTrainer:
         disable_tqdm=True,
         save_strategy="no",
         seed=0,
-        rewards=[{"name": "masked_pixel"}],
         **kw,
     )
-    return FlowGRPOTrainer(policy, args, [reward], synthetic_dataset(4, size=SIZE))
+    return FlowGRPOTrainer(policy, reward, args=args, train_dataset=synthetic_dataset(4, size=SIZE))
 
 
 def _rollout(trainer):

@@ -145,3 +145,22 @@ def test_lora_adapter_disable_gives_the_base_model():
         ref = p.velocity(x, s, cond)
     assert torch.allclose(base, ref, atol=1e-6) and (tuned - base).abs().max() > 1e-3
     assert all("lora" in n for n, q in p.transformer.named_parameters() if q.requires_grad)
+
+
+def test_add_lora_takes_a_peft_config_and_model_arguments_describe_one():
+    from peft import LoraConfig
+
+    from refiner_rl.configs import ModelArguments
+    from refiner_rl.policies import DEFAULT_LORA_TARGETS
+
+    p = small_policy()
+    p.add_lora(LoraConfig(r=2, lora_alpha=4))  # no target_modules: the default attention + feed-forward set
+    cfg = p.transformer.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, set(cfg.target_modules)) == (2, 4, set(DEFAULT_LORA_TARGETS))
+    assert all("lora_" in n for n, q in p.transformer.named_parameters() if q.requires_grad)
+    with pytest.raises(ValueError, match="already has a LoRA"):
+        p.add_lora(LoraConfig(r=2))
+    args = ModelArguments(lora_r=8, lora_target_modules=["to_q"], lora_dropout=0.1)
+    lc = args.lora_config()
+    assert (lc.r, lc.lora_alpha, lc.lora_dropout, set(lc.target_modules)) == (8, 8, 0.1, {"to_q"})
+    assert ModelArguments(use_lora=False).lora_config() is None

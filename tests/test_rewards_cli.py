@@ -56,12 +56,12 @@ def scene(tmp_path):
     return tmp_path
 
 
-def test_list_shows_builtins_with_kind_fields_and_description(capsys):
+def test_list_shows_builtins_with_fields_maps_and_description(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "masked_pixel" in lines and "patch_dreamsim" in lines and "dino_similarity" in lines
-    assert lines["masked_pixel"].split()[1:5] == ["pointwise", "target", "mask", "builtin"]
+    assert lines["masked_pixel"].split()[1:5] == ["target", "mask", "yes", "builtin"]
     assert "Negative masked L2/L1 pixel error" in lines["masked_pixel"]
     assert main(["list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rewards"]}
@@ -95,6 +95,7 @@ def test_score_end_to_end_json_and_table(scene, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["image", "masked_pixel", "(x1)", "masked_pixel_2", "(x0.5)", "total"]
     assert table[1].split()[0] == "a.png" and table[1].split()[1] == f"{-(d_a**2):.4f}"
+    assert table[1].split()[2] == "0.0000"  # -0.0 (no error outside the mask) prints without its sign
 
 
 def test_score_without_data_runs_only_field_free_rewards(scene, capsys):
@@ -220,7 +221,7 @@ def test_thirdparty_plugin_listed_and_scores_through_the_cli(plugin_path, scene)
     )
     assert out.returncode == 0, out.stderr
     line = next(line for line in out.stdout.splitlines() if line.startswith("mean_brightness"))
-    assert "pointwise" in line and "entry point (refiner-rl-thirdparty-reward-fixture)" in line
+    assert "entry point (refiner-rl-thirdparty-reward-fixture)" in line
     assert "Mean pixel value of the sample" in line
     recipe = scene / "plugin.yaml"
     recipe.write_text("rewards:\n  - {name: mean_brightness, scale: 2.0, weight: 0.5}\n")
@@ -252,10 +253,10 @@ def test_thirdparty_plugin_in_process(plugin_path):
     try:
         registry.discover(refresh=True)
         assert "mean_brightness" in registry.available_rewards()
-        (r,) = registry.build_rewards([{"name": "mean_brightness", "scale": 3.0}])
+        (r,) = registry.build_reward_funcs([{"name": "mean_brightness", "scale": 3.0}])
         assert r([""], [np.full((2, 2, 3), 51, dtype=np.uint8)]) == [pytest.approx(3.0 * 0.2)]
-        with pytest.raises(registry.RewardConfigError, match="accepted options: device, dtype, scale, weight"):
-            registry.build_rewards([{"name": "mean_brightness", "bias": 1}])
+        with pytest.raises(registry.RewardConfigError, match="accepted options: device, dtype, scale$"):
+            registry.build_reward_funcs([{"name": "mean_brightness", "bias": 1}])
     finally:
         sys.path.remove(plugin_path)
         registry._REGISTRY.pop("mean_brightness", None)

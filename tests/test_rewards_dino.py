@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from refiner_rl.errors import CheckpointError
 from refiner_rl.rewards.dino_similarity import IMAGENET_MEAN, IMAGENET_STD, DinoSimilarity
-from refiner_rl.scoring import build_rewards, score_safely
+from refiner_rl.scoring import build_reward_funcs, score_safely
 
 SIZE = 56  # 4 x 4 tokens of 14 px: small and fast
 
@@ -50,10 +51,8 @@ def test_loads_from_a_local_folder_frozen_and_in_eval(reward, model_dir):
     assert os.path.exists(os.path.join(model_dir, "model.safetensors"))
     assert type(reward.model).__name__ == "Dinov2Model"
     assert not reward.model.training and not any(p.requires_grad for p in reward.model.parameters())
-    built = build_rewards(
-        [{"name": "dino_similarity", "model_name_or_path": model_dir, "image_size": SIZE, "weight": 0.3}]
-    )[0]
-    assert built.weight == 0.3 and built.required_fields == ("target",)
+    (built,) = build_reward_funcs([{"name": "dino_similarity", "model_name_or_path": model_dir, "image_size": SIZE}])
+    assert built.required_fields == ("target",) and type(built.model).__name__ == "Dinov2Model"
 
 
 def test_identical_is_one_and_value_matches_a_manual_cls_cosine(reward):
@@ -94,7 +93,7 @@ def test_mean_pooling_reference_and_errors(model_dir, reward):
 
 
 def test_missing_model_offline_says_how_to_fetch(tmp_path):
-    with pytest.raises(OSError) as e:
+    with pytest.raises(CheckpointError) as e:
         DinoSimilarity(model_name_or_path=str(tmp_path / "no_such_model"))
     msg = str(e.value)
     assert "dino_similarity: cannot load DINOv2" in msg and "model_name_or_path: DIR" in msg

@@ -11,15 +11,17 @@ import os
 import pytest
 import torch
 
+from refiner_rl.errors import CheckpointError
 from refiner_rl.rewards.patch_dreamsim import (
     DREAMSIM_SIZE,
     PatchDreamSim,
+    default_cache_dir,
     load_dreamsim,
-    make_random_dreamsim_cache,
     missing_cache_files,
 )
 from refiner_rl.scoring import score_safely
 from refiner_rl.scoring.patches import crop_resize, grow_box, mask_bbox, splat_to_grid, tile_box
+from tests.dreamsim_cache import make_random_dreamsim_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,7 +114,7 @@ def test_missing_weights_offline_fail_fast_with_fetch_instructions(tmp_path, mon
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(CheckpointError) as e:
         PatchDreamSim(cache_dir=str(tmp_path / "empty"), allow_download=True)
     msg = str(e.value)
     assert "patch_dreamsim: DreamSim weights for dreamsim_type='dino_vitb16' are not in cache_dir=" in msg
@@ -121,8 +123,15 @@ def test_missing_weights_offline_fail_fast_with_fetch_instructions(tmp_path, mon
     assert f"cache_dir: {tmp_path / 'empty'}" in msg
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    with pytest.raises(FileNotFoundError, match="allow_download is false"):
+    with pytest.raises(CheckpointError, match="allow_download is false"):
         load_dreamsim(str(tmp_path / "empty"))
+    # without cache_dir: a per-user cache, never ./models in the working directory
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == str(tmp_path / "xdg" / "refiner_rl" / "dreamsim")
+    with pytest.raises(CheckpointError, match=f"cache_dir='{tmp_path / 'xdg' / 'refiner_rl' / 'dreamsim'}'"):
+        PatchDreamSim()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "refiner_rl", "dreamsim")
     with pytest.raises(ValueError, match="unknown dreamsim_type 'vit_huge'"):
         load_dreamsim(str(tmp_path), dreamsim_type="vit_huge")
 

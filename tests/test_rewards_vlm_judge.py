@@ -2,7 +2,7 @@
 
 The tiny judge (2 text layers of width 32, a 2-block vision tower, a 300-token byte-level BPE trained in
 memory) is saved to a temporary folder and loaded through the reward's real local-path code. The server
-backend talks real HTTP to ``refiner_rl.scoring.vlm_server`` serving that same model on 127.0.0.1.
+backend talks real HTTP to ``refiner_rl.vlm.server`` serving that same model on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -21,122 +21,48 @@ import urllib.request
 import pytest
 import torch
 
-from refiner_rl.rewards.vlm_judge import (
-    DIMENSIONS,
-    TASKS,
-    LocalVLM,
-    VLMJudge,
-    build_query,
-    p_yes_from_logits,
-    p_yes_from_top_logprobs,
-)
+from refiner_rl.errors import CheckpointError
+from refiner_rl.rewards.vlm_judge import VLMJudge
 from refiner_rl.scoring.registry import (
     RewardConfigError,
     available_rewards,
     build_reward,
     check_required_fields,
 )
-from refiner_rl.scoring.vlm_server import JudgeServer
-
-PIXELS = 56 * 56  # 2x2 merged vision tokens per image: the smallest Qwen2-VL input
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from refiner_rl.vlm import (
+    DIMENSIONS,
+    TASKS,
+    LocalVLM,
+    build_query,
+    p_yes_from_logits,
+    p_yes_from_top_logprobs,
 )
-SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+from refiner_rl.vlm.client import forget_servers
+from refiner_rl.vlm.server import JudgeServer
+from refiner_rl.vlm.tiny import PIXELS, build_tiny_vlm
 
 
-def _build_tiny_judge(folder) -> None:
-    """A random Qwen2.5-VL with a byte-level BPE tokenizer (Qwen's kind), saved like a hub checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    # Yes/No dominate the corpus so that "Yes", " Yes", "No" and " No" become single tokens, as in Qwen's vocab.
-    corpus = ["Yes No Yes. No."] * 200 + [" ".join(TASKS.values()) + " " + " ".join(DIMENSIONS.values())] * 5
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL[1:]
-    )
-    assert all(len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in ["Yes", " Yes", "No", " No"])
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=PIXELS, max_pixels=PIXELS),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=CHAT_TEMPLATE,
-    )
-    ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
-            # mrope splits head_dim / 2 = 4 rotary frequencies over (time, height, width)
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-            "bos_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "out_hidden_size": 32,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
-        },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
-    torch.manual_seed(1234)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    # With the 0.02 init every answer is ~uniform (P(Yes) = 2/300 whatever the image). Give Yes and No most of
-    # the mass, close to each other, so both P(Yes) readings sit mid-range (~0.2 softmax, ~0.44 yes/no) and move
-    # with the image.
-    yes_no = ids(["Yes", "ĠYes", "No", "ĠNo"])
+def _yes_no_heavy(model, tokenizer) -> None:
+    """With the 0.02 init every answer is ~uniform (P(Yes) = 2/300 whatever the image). Give Yes and No most of
+    the mass, close to each other, so both P(Yes) readings sit mid-range (~0.2 softmax, ~0.44 yes/no) and move
+    with the image."""
+    yes_no = tokenizer.convert_tokens_to_ids(["Yes", "ĠYes", "No", "ĠNo"])
     with torch.no_grad():
         w = model.lm_head.weight
         w.normal_(0, 0.2)
         w[yes_no[:2]] *= 3.0
         w[yes_no[2:]] = w[yes_no[:2]] + 0.3 * torch.randn(2, w.shape[1])
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+
+
+def _build_tiny_judge(folder) -> None:
+    """A random Qwen2.5-VL with a byte-level BPE tokenizer (Qwen's kind), saved like a hub checkpoint."""
+    from transformers import AutoTokenizer
+
+    # Yes/No dominate the corpus so that "Yes", " Yes", "No" and " No" become single tokens, as in Qwen's vocab.
+    corpus = ["Yes No Yes. No."] * 200 + [" ".join(TASKS.values()) + " " + " ".join(DIMENSIONS.values())] * 5
+    build_tiny_vlm(folder, corpus, vocab_size=300, max_positions=512, seed=1234, prepare=_yes_no_heavy)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert all(len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in ["Yes", " Yes", "No", " No"])
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +105,14 @@ def server_judge(url, **options) -> VLMJudge:
 def images(n, seed=0, size=(3, 24, 32)):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(size, generator=g) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_server_state():
+    """Servers' down state and model are remembered per URL for the process; a test starts with none."""
+    forget_servers()
+    yield
+    forget_servers()
 
 
 def free_port() -> int:
@@ -235,7 +169,9 @@ def test_bad_options_name_what_works():
         VLMJudge(backend="server", base_url="http://x", mode="pointwise", both_orders=True)
     with pytest.raises(ValueError, match="must start with http:// or https://"):
         VLMJudge(backend="server", base_url="localhost:8000")
-    with pytest.raises(OSError, match="cannot load a processor from model_name_or_path='/nonexistent/judge'"):
+    with pytest.raises(
+        CheckpointError, match="cannot load a VLM processor from model_name_or_path='/nonexistent/judge'"
+    ):
         VLMJudge(backend="local", model_name_or_path="/nonexistent/judge")
     # A custom dimension is fine once it is described.
     j = VLMJudge(
@@ -351,6 +287,23 @@ def test_local_pairwise_both_orders_and_dimensions(judge_dir):
     assert mean == pytest.approx([sum(v) / 2 for v in zip(*per_dim)], abs=1e-6)
 
 
+def test_local_vlm_generate_is_greedy_and_batches_like_single_chats(vlm):
+    from refiner_rl.scoring.base import to_pil
+    from refiner_rl.vlm import build_conversation
+
+    convs = [
+        build_conversation("Describe it.", [to_pil(images(1, seed=1, size=(3, 40, 56))[0])]),
+        build_conversation("Is Image A better than Image B?", [to_pil(x) for x in images(2, seed=2)]),
+    ]
+    ids, steps = vlm.generate_ids(vlm.encode(convs), max_new_tokens=4)
+    # step 0 of greedy decoding is the argmax of the judge's next-token logits (both left-padded in a batch)
+    assert [row[0] for row in ids] == vlm.next_token_logits(convs).argmax(-1).tolist()
+    assert all(len(row) == step.shape[0] and 1 <= len(row) <= 4 for row, step in zip(ids, steps))
+    batched = vlm.generate(convs, max_new_tokens=4)
+    assert batched == [vlm.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    assert batched == [vlm.generate([c], max_new_tokens=4)[0] for c in convs]
+
+
 def test_local_torch_dtype(judge_dir):
     bf16 = local_judge(judge_dir, mode="pointwise", torch_dtype="bfloat16")
     assert next(bf16.vlm.model.parameters()).dtype == torch.bfloat16
@@ -391,12 +344,11 @@ def test_server_scores_match_local(judge_dir, serve, prob):
 def test_server_slower_than_timeout_is_retried_then_none(serve, caplog):
     server = serve(delay=3.0)
     judge = server_judge(server.url, model="tiny-judge", mode="pointwise", timeout=0.3, max_retries=2, backoff=0.02)
-    start = time.monotonic()
     with caplog.at_level(logging.WARNING):
         assert judge(["p"], images(1)) == [None]
     assert server.chat_requests == 3  # the first try and two retries
-    assert time.monotonic() - start < 2.5
-    assert "failed 3 times" in caplog.text and "timed out" in caplog.text
+    assert "1 of 1 requests got no answer" in caplog.text and "marked down for 60 s" in caplog.text
+    assert judge(["p", "q"], images(2)) == [None, None] and server.chat_requests == 3  # down: nothing sent
 
 
 def test_server_503_then_success_gives_a_real_score(judge_dir, serve):
@@ -428,15 +380,13 @@ def test_server_4xx_is_not_retried(serve, caplog):
     assert "HTTP 400" in caplog.text and "not retried" in caplog.text
 
 
-def test_connection_refused_is_none_quickly(caplog):
+def test_connection_refused_is_none_and_marks_the_server_down(caplog):
     judge = server_judge(
         f"http://127.0.0.1:{free_port()}", model="m", mode="pointwise", max_retries=2, backoff=0.01, timeout=2.0
     )
-    start = time.monotonic()
     with caplog.at_level(logging.WARNING):
         assert judge(["p", "q"], images(2)) == [None, None]
-    assert time.monotonic() - start < 2.0
-    assert "Connection refused" in caplog.text or "ConnectionRefused" in caplog.text
+    assert "failed 3 times, last: ConnectError" in caplog.text and judge.client.state.is_down()
 
 
 def test_api_key_is_sent_as_bearer_and_never_logged(serve, monkeypatch, caplog):
@@ -472,7 +422,8 @@ def _post(url, body, timeout=10):
 
 
 def test_server_speaks_the_openai_schema(serve):
-    from refiner_rl.rewards.vlm_judge import png_data_url, to_pil
+    from refiner_rl.scoring.base import to_pil
+    from refiner_rl.vlm.questions import png_data_url
 
     server = serve()
     models = json.loads(urllib.request.urlopen(server.url + "/v1/models", timeout=10).read())
@@ -529,7 +480,7 @@ def test_server_command_line(judge_dir):
     cmd = [
         sys.executable,
         "-m",
-        "refiner_rl.scoring.vlm_server",
+        "refiner_rl.vlm.server",
         "--model",
         judge_dir,
         "--port",

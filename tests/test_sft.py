@@ -143,3 +143,26 @@ def test_config_errors_name_the_field(tmp_path):
         _args(tmp_path, timestep_sampling="cosine")
     with pytest.raises(ValueError, match="caption_dropout"):
         _args(tmp_path, caption_dropout=1.5)
+
+
+def test_a_checkpoint_write_cut_short_is_never_resumed_from(tmp_path):
+    """Writing stops halfway through checkpoint-2 (as a kill would): only the hidden staging folder exists, a
+    resume picks checkpoint-1, and the next run clears the leftover."""
+    from refiner_rl.trainers.checkpoints import resolve_checkpoint
+
+    class Killed(FlowSFTTrainer):
+        def _save_rng_state(self, output_dir):
+            if self.state.global_step == 2:
+                raise KeyboardInterrupt  # after weights and optimizer, before RNG and trainer state
+            super()._save_rng_state(output_dir)
+
+    args = _args(tmp_path, max_steps=3, save_strategy="steps", save_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        Killed(small_policy(lora=True), args, synthetic_dataset(8)).train()
+    assert sorted(os.listdir(tmp_path)) == [".tmp-checkpoint-2", "checkpoint-1"]
+    assert (tmp_path / ".tmp-checkpoint-2" / "optimizer.pt").is_file()
+    assert resolve_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    trainer = FlowSFTTrainer(small_policy(lora=True), args, synthetic_dataset(8))
+    trainer.train(resume_from_checkpoint="true")
+    assert trainer.state.global_step == 3
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]

@@ -30,17 +30,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def save_grid(path: str, rows: list[list[torch.Tensor]], scale: int = 4) -> None:
-    """Rows of ``[3, H, W]`` images in [0, 1] -> one PNG (nearest upscaling so fine detail stays visible)."""
-    from PIL import Image
-
-    lines = [torch.cat([im.clamp(0, 1) for im in row], dim=2) for row in rows]
-    grid = torch.cat(lines, dim=1)
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    img = Image.fromarray(arr)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
 def _table(rows: list[tuple[str, dict]]) -> str:
     head = f"{'':<34}{'MSE in mask':>13}{'MSE outside':>13}{'in / draft':>12}"
     lines = [head, "-" * len(head)]
@@ -63,7 +52,8 @@ def main(argv: list[str]) -> int:
     from refiner_rl.cli.train import _setup_logging, parse_recipe
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
     from refiner_rl.data import collate_triplets
-    from refiner_rl.evaluation import evaluate_refinement, generate
+    from refiner_rl.evaluation import evaluate
+    from refiner_rl.sampling import sample_images
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
 
     _setup_logging()
@@ -90,14 +80,14 @@ def main(argv: list[str]) -> int:
     )
 
     policy.transformer.eval()
-    before = evaluate_refinement(policy, held_out, num_steps=args.eval_steps)
-    trainer = FlowSFTTrainer(policy, sft_cfg, train)
+    before = evaluate(policy, held_out, num_steps=args.eval_steps)
+    trainer = FlowSFTTrainer(policy, args=sft_cfg, train_dataset=train)
     trainer.train()
     trainer.save_model(sft_cfg.output_dir)
     trainer.save_state()
     policy.transformer.eval()
-    after_sft = evaluate_refinement(policy, held_out, num_steps=args.eval_steps)
-    after_sft_paste = evaluate_refinement(policy, held_out, num_steps=args.eval_steps, paste=True)
+    after_sft = evaluate(policy, held_out, num_steps=args.eval_steps)
+    after_sft_paste = evaluate(policy, held_out, num_steps=args.eval_steps, paste=True)
     report.update(
         sft_seconds=round(time.time() - t0, 1), before=before, after_sft=after_sft, after_sft_paste_back=after_sft_paste
     )
@@ -107,12 +97,11 @@ def main(argv: list[str]) -> int:
         ("after SFT", after_sft),
         ("after SFT + paste-back", after_sft_paste),
     ]
-    images = {"sft": generate(policy, sample, num_steps=args.eval_steps, seed=0)}
+    images = {"sft": sample_images(policy, sample, num_steps=args.eval_steps, seed=0)}
     _finish_wandb_run()  # each stage gets its own W&B run
 
     # 4. GRPO from the SFT LoRA
     if not args.skip_grpo:
-        from refiner_rl.scoring.registry import build_rewards
         from refiner_rl.trainers.grpo_config import FlowGRPOConfig
         from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 
@@ -128,30 +117,33 @@ def main(argv: list[str]) -> int:
         g_model, g_data, g_cfg = parse_recipe((ModelArguments, DataArguments, FlowGRPOConfig), grpo_argv)
         g_policy = build_policy(g_model, "cpu")
         g_train = g_data.build(multiple=multiple)
-        g_trainer = FlowGRPOTrainer(g_policy, g_cfg, build_rewards(g_cfg.rewards), g_train, eval_dataset=held_out)
-        reward_sft = g_trainer.evaluate_rewards(held_out)
+        g_trainer = FlowGRPOTrainer(g_policy, args=g_cfg, train_dataset=g_train, eval_dataset=held_out)
+        # GRPO's sampler (start sigma, paste-back, CFG) and rewards: one evaluation gives the MSE row and the reward
+        sampler = {**g_trainer.evaluation_settings(), "num_steps": args.eval_steps}
         g_policy.transformer.eval()
-        sft_same = evaluate_refinement(
-            g_policy, held_out, num_steps=args.eval_steps, start_sigma=g_cfg.start_sigma, paste=g_cfg.paste_back
-        )
+        sft_same = evaluate(g_policy, held_out, **sampler)
         rows.append((f"SFT, GRPO's sampler (start {g_cfg.start_sigma:g})", sft_same))
         g_trainer.train()
         g_trainer.save_model(g_cfg.output_dir)
         g_trainer.save_state()
-        reward_grpo = g_trainer.evaluate_rewards(held_out)
         g_policy.transformer.eval()
-        after_grpo = evaluate_refinement(
-            g_policy, held_out, num_steps=args.eval_steps, start_sigma=g_cfg.start_sigma, paste=g_cfg.paste_back
-        )
+        after_grpo = evaluate(g_policy, held_out, **sampler)
         rows.append((f"after GRPO (start {g_cfg.start_sigma:g})", after_grpo))
         report.update(
             after_grpo=after_grpo,
             sft_with_grpo_sampler=sft_same,
-            held_out_reward_sft=reward_sft,
-            held_out_reward_grpo=reward_grpo,
+            held_out_reward_sft=_reward_part(sft_same),
+            held_out_reward_grpo=_reward_part(after_grpo),
         )
-        images["grpo"] = generate(
-            g_policy, sample, num_steps=args.eval_steps, seed=0, start_sigma=g_cfg.start_sigma, paste=g_cfg.paste_back
+        images["grpo"] = sample_images(
+            g_policy,
+            sample,
+            num_steps=args.eval_steps,
+            seed=0,
+            start_sigma=g_cfg.start_sigma,
+            paste=g_cfg.paste_back,
+            true_cfg_scale=g_cfg.true_cfg_scale,
+            negative_prompt=g_cfg.negative_prompt,
         )
 
         _finish_wandb_run()
@@ -162,6 +154,8 @@ def main(argv: list[str]) -> int:
         for i in range(sample["draft"].shape[0])
     ]
     grid_path = os.path.join(out, "samples.png")
+    from refiner_rl.trainers.reporting import save_grid
+
     save_grid(grid_path, grid_rows)
     report["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "report.json"), "w") as f:
@@ -195,6 +189,11 @@ def _finish_wandb_run() -> None:
 
 def _draft_row(r: dict) -> dict:
     return {"mse_output_in": r["mse_draft_in"], "mse_output_out": r["mse_draft_out"], "mse_in_ratio": 1.0}
+
+
+def _reward_part(r: dict) -> dict:
+    """The reward metrics of an evaluation (``reward``, ``reward_failed_frac``, ``rewards/<name>/...``)."""
+    return {k: v for k, v in r.items() if k.startswith("reward")}
 
 
 def _rel(a: float, b: float) -> float:

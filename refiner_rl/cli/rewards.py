@@ -12,9 +12,15 @@ without ``image`` belongs to the image whose name without extension equals its `
 match exactly one record; records matching no image are ignored (and counted on stderr). Without
 ``--data`` only rewards that need no record field can run.
 
-Output: a table with one row per image, one column per reward and the weighted total (NaN-aware sum, as in
-training), or with ``--json`` an object ``{"rewards": [...], "rows": [...], "errors": {...}}``. A reward that
-fails prints its error on stderr and shows ``-`` (``null`` in JSON).
+Rewards are built and called as in training (:func:`refiner_rl.scoring.build_reward_funcs`, then
+:func:`refiner_rl.scoring.score_batch` per ``--batch-size`` images): registered names, dotted paths to reward
+classes or plain TRL reward functions. Weights are the recipe's: each entry's ``weight:`` or a top-level
+``reward_weights:`` list (not both), 1 by default.
+
+Output: a table with one row per image, one column per reward and the weighted total (NaN-aware: a reward that
+did not score an image adds nothing, and an image no reward scored has no total, as in training), or with
+``--json`` an object ``{"rewards": [...], "rows": [...], "errors": {...}}``. A reward that fails prints its
+error on stderr and shows ``-`` (``null`` in JSON).
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import os
 import sys
 from typing import Any
 
+from refiner_rl.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RECORD_IMAGE_FIELDS = {"draft": "RGB", "reference": "RGB", "target": "RGB", "mask": "L"}
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user error: printed without a traceback, exit code 2."""
 
 
@@ -85,7 +93,6 @@ def _list(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "name": name,
-                "kind": cls.kind,
                 "required_fields": list(cls.required_fields),
                 "optional_fields": list(getattr(cls, "optional_fields", ())),
                 "provides_maps": bool(cls.provides_maps),
@@ -97,13 +104,13 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"rewards": rows, "load_errors": registry.load_errors()}, indent=2))
     else:
-        table = [["name", "kind", "required", "optional", "source", "description"]]
+        table = [["name", "required", "optional", "maps", "source", "description"]]
         table += [
             [
                 r["name"],
-                r["kind"],
                 ",".join(r["required_fields"]) or "-",
                 ",".join(r["optional_fields"]) or "-",
+                "yes" if r["provides_maps"] else "-",
                 r["source"],
                 r["description"],
             ]
@@ -123,7 +130,8 @@ def _format_table(rows: list[list[str]]) -> str:
 # -- score --------------------------------------------------------------------------------------------
 
 
-def _load_recipe_rewards(path: str) -> list:
+def _load_recipe_rewards(path: str) -> tuple[list, list[float]]:
+    """The recipe's reward specs (without ``weight``) and one weight per reward."""
     import yaml
 
     try:
@@ -142,7 +150,20 @@ def _load_recipe_rewards(path: str) -> list:
         raise CliError(
             f"recipe {path}: `rewards` must be a non-empty list of specs like {{name: masked_pixel, weight: 1.0}}"
         )
-    return specs
+    from refiner_rl.scoring.registry import RewardConfigError, split_weights
+
+    try:
+        specs, weights = split_weights(specs)
+    except RewardConfigError as e:
+        raise CliError(f"recipe {path}: {e}") from e
+    listed = recipe.get("reward_weights")
+    if listed is not None:
+        if weights is not None:
+            raise CliError(f"recipe {path}: give weights either per entry (`weight:`) or as `reward_weights`, not both")
+        if not isinstance(listed, list) or len(listed) != len(specs):
+            raise CliError(f"recipe {path}: `reward_weights` must be a list of {len(specs)} numbers, one per reward")
+        weights = [float(w) for w in listed]
+    return specs, weights or [1.0] * len(specs)
 
 
 def _open_image(path: str, mode: str, what: str):
@@ -215,7 +236,8 @@ def _match_records(data_path: str, images: list[str], images_dir: str) -> tuple[
 
 
 def _columns(records: list[dict], data_path: str) -> dict[str, list[Any]]:
-    """Image fields of the records as tensor columns (``None`` where a record lacks the field)."""
+    """The records as columns (``None`` where a record lacks the field): image fields as tensors, every other
+    field (except ``prompt``) as it is in the JSONL, so reward functions see every column."""
     from refiner_rl.scoring.base import as_image_tensor
 
     base = os.path.dirname(os.path.abspath(data_path))
@@ -232,14 +254,20 @@ def _columns(records: list[dict], data_path: str) -> dict[str, list[Any]]:
             img = _open_image(path, mode, f"record {rec.get('id', rec.get('image'))!r} field {field!r}")
             values.append(as_image_tensor(img, channels=1 if mode == "L" else 3))
         columns[field] = values
+    for field in dict.fromkeys(k for rec in records for k in rec):
+        if field not in RECORD_IMAGE_FIELDS and field != "prompt":
+            columns[field] = [rec.get(field) for rec in records]
     return columns
 
 
 def _score(args: argparse.Namespace) -> int:
-    from refiner_rl.scoring import aggregate, registry
-    from refiner_rl.scoring.base import as_image_tensor, score_safely
+    import torch
 
-    specs = _load_recipe_rewards(args.config)
+    from refiner_rl.scoring import aggregate, registry
+    from refiner_rl.scoring.base import as_image_tensor
+    from refiner_rl.scoring.batch import score_batch
+
+    specs, weights = _load_recipe_rewards(args.config)
     names = _image_files(args.images)
     columns: dict[str, list[Any]] = {}
     prompts = [""] * len(names)
@@ -250,32 +278,28 @@ def _score(args: argparse.Namespace) -> int:
         columns = _columns(records, args.data)
         prompts = [str(r.get("prompt", "")) for r in records]
     try:
-        rewards = registry.build_rewards(specs, device=args.device)
+        rewards = registry.build_reward_funcs(specs, device=args.device)
         # a field counts as available when every record has it (a reward needing it would fail otherwise)
         registry.check_required_fields(rewards, [f for f, v in columns.items() if all(x is not None for x in v)])
     except registry.RewardConfigError as e:
         hint = "" if args.data else " (pass --data records.jsonl to provide record fields)"
         raise CliError(f"{args.config}: {e}{hint}") from e
-    except (OSError, FileNotFoundError) as e:
+    except OSError as e:
         raise CliError(f"{args.config}: {e}") from e
     images = [as_image_tensor(_open_image(os.path.join(args.images, n), "RGB", "--images")) for n in names]
 
     labels = registry.reward_labels(rewards)
-    values = [[None] * len(rewards) for _ in names]
-    errors: dict[str, str] = {}
+    parts, errors = [], {}
     step = max(1, args.batch_size)
-    for k, reward in enumerate(rewards):
-        for s in range(0, len(names), step):
-            cols = {f: v[s : s + step] for f, v in columns.items()}
-            result = score_safely(reward, prompts[s : s + step], images[s : s + step], **cols)
-            for j, v in enumerate(result.scores):
-                values[s + j][k] = v
-            if result.error and labels[k] not in errors:
-                errors[labels[k]] = result.error
-    import torch
-
-    matrix = torch.tensor([[math.nan if v is None else v for v in row] for row in values], dtype=torch.float64)
-    total, valid = aggregate.weighted_total(matrix, torch.tensor([r.weight for r in rewards]))
+    for s in range(0, len(names), step):
+        cols = {f: v[s : s + step] for f, v in columns.items()}
+        batch = score_batch(rewards, prompts[s : s + step], images[s : s + step], cols)
+        parts.append(batch.scores)
+        for label, err in batch.errors.items():
+            errors.setdefault(label, err)
+    matrix = torch.cat(parts)
+    total, valid = aggregate.weighted_total(matrix, torch.tensor(weights))
+    values = [[None if math.isnan(v) else v for v in row] for row in matrix.double().tolist()]
     totals = [float(t) if bool(ok) else None for t, ok in zip(total, valid)]
 
     for label, err in errors.items():
@@ -284,7 +308,9 @@ def _score(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "rewards": [{"label": lab, "name": r.name, "weight": r.weight} for lab, r in zip(labels, rewards)],
+                    "rewards": [
+                        {"label": lab, "name": r.name, "weight": w} for lab, r, w in zip(labels, rewards, weights)
+                    ],
                     "rows": [
                         {"image": n, "scores": dict(zip(labels, row)), "total": t}
                         for n, row, t in zip(names, values, totals)
@@ -295,8 +321,15 @@ def _score(args: argparse.Namespace) -> int:
             )
         )
     else:
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"
-        table = [["image", *[f"{lab} (x{r.weight:g})" for lab, r in zip(labels, rewards)], "total"]]
-        table += [[n, *[fmt(v) for v in row], fmt(t)] for n, row, t in zip(names, values, totals)]
+        table = [["image", *[f"{lab} (x{w:g})" for lab, w in zip(labels, weights)], "total"]]
+        table += [[n, *[_fmt(v) for v in row], _fmt(t)] for n, row, t in zip(names, values, totals)]
         print(_format_table(table))
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    """Four decimals, ``-`` for no score; never ``-0.0000`` (a value that rounds to zero prints ``0.0000``)."""
+    if value is None:
+        return "-"
+    text = f"{value:.4f}"
+    return "0.0000" if text == "-0.0000" else text

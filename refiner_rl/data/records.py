@@ -1,80 +1,45 @@
-"""Triplet records: (prompt, draft, reference, target, mask), loaded, validated and batched.
+"""Triplet records: (prompt, draft, reference, target, mask) as a lazy torch dataset, and their batching.
 
-Sources (``load_records``):
-- a JSONL file whose image fields are paths relative to the file's folder (or absolute);
-- a parquet file (paths, or image structs with ``bytes`` as ``datasets`` writes them);
-- a folder holding ``records.jsonl`` or ``metadata.jsonl``;
-- any ``datasets`` dataset, given as an object or as ``load_dataset`` arguments.
-
-Every record is validated up front (``validate_records``): a missing file, an unreadable image, a size
-mismatch between target, draft and mask, or an empty mask raises :class:`RecordError` naming the record
-and the field, or, with ``skip_invalid``, is skipped and counted.
+Records stay undecoded in a ``datasets.Dataset`` (:mod:`refiner_rl.data.sources`), are validated once in a
+cached streaming pass (:mod:`refiner_rl.data.validation`), and each item's images are decoded only when the item
+is read (:mod:`refiner_rl.data.images`), so memory does not grow with the number of records and DataLoader
+workers decode ahead of the training step.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import logging
-import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-logger = logging.getLogger(__name__)
+from refiner_rl.data.images import check_alpha_background, header_size, load_image, to_tensor
+from refiner_rl.data.sources import load_records, parse_jsonl_row
+from refiner_rl.data.validation import (
+    OPTIONAL_FIELDS,
+    RecordError,
+    Validated,
+    ValidationReport,
+    record_name,
+    validate_records,
+)
+from refiner_rl.errors import DataError
 
-IMAGE_FIELDS = ("draft", "reference", "target", "mask")
-REQUIRED_FIELDS = ("prompt", "draft", "reference")
-
-
-class RecordError(ValueError):
-    """A bad training record. The message names the record and the field."""
-
-
-def _record_name(record: dict, index: int) -> str:
-    rid = record.get("id")
-    return f"record {index}" + (f" (id={rid!r})" if rid is not None else "")
-
-
-def open_image(value: Any, *, base_dir: str | None, mode: str, where: str) -> Image.Image:
-    """Open an image given as a path, bytes, a ``datasets`` image dict or a PIL image."""
-    try:
-        if isinstance(value, Image.Image):
-            img = value
-        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-            if value.get("bytes"):
-                img = Image.open(io.BytesIO(value["bytes"]))
-            else:
-                return open_image(value["path"], base_dir=base_dir, mode=mode, where=where)
-        elif isinstance(value, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(value))
-        elif isinstance(value, (str, os.PathLike)):
-            path = os.fspath(value)
-            if base_dir and not os.path.isabs(path):
-                path = os.path.join(base_dir, path)
-            if not os.path.exists(path):
-                raise RecordError(f"{where}: file not found: {path}")
-            img = Image.open(path)
-        else:
-            raise RecordError(f"{where}: expected an image path, bytes or image, got {type(value).__name__}")
-        img.load()
-        return img.convert(mode)
-    except RecordError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise RecordError(f"{where}: unreadable image ({type(e).__name__}: {e})") from e
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL -> float tensor ``[C, H, W]`` in [0, 1]."""
-    import numpy as np
-
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float() / 255.0
-    return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+__all__ = [
+    "BucketBatchOrderSampler",
+    "RecordError",
+    "TripletDataset",
+    "collate_triplets",
+    "fit_size",
+    "load_records",
+    "nearest_bucket",
+    "validate_records",
+]
+ITEM_FIELDS = ("prompt", "index", "draft", "reference", "mask")  # every item has these
 
 
 def fit_size(height: int, width: int, resolution: int | None, multiple: int) -> tuple[int, int]:
@@ -92,112 +57,37 @@ def nearest_bucket(height: int, width: int, buckets: list[int]) -> int:
     return min(buckets, key=lambda b: abs(b - side))
 
 
-def load_records(source: Any, *, split: str = "train", **load_kwargs) -> tuple[list[dict], str | None]:
-    """Read raw records from a JSONL/parquet file, a folder, or a ``datasets`` dataset.
+class _RecordView(Sequence):
+    """Read-only, lazy access to the kept records as dicts (image fields undecoded)."""
 
-    Returns the records and the folder relative paths resolve against."""
-    if isinstance(source, (list, tuple)):
-        return [dict(r) for r in source], None
-    if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # a datasets.Dataset
-        return [dict(r) for r in source], None
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        for name in ("records.jsonl", "metadata.jsonl", "train.jsonl"):
-            if os.path.isfile(os.path.join(path, name)):
-                return load_records(os.path.join(path, name))
-        parquet = sorted(f for f in os.listdir(path) if f.endswith(".parquet"))
-        if parquet:
-            return load_records(os.path.join(path, parquet[0]))
-        raise FileNotFoundError(f"data folder {path!r} has no records.jsonl, metadata.jsonl or *.parquet")
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file not found: {path}")
-        records = []
-        with open(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise RecordError(f"{path}: line {line_no} is not valid JSON ({e})") from e
-        return records, os.path.dirname(os.path.abspath(path))
-    if path.endswith(".parquet"):
-        import datasets
+    def __init__(self, dataset: TripletDataset):
+        self._ds = dataset
 
-        ds = datasets.Dataset.from_parquet(path)
-        return [dict(r) for r in ds], os.path.dirname(os.path.abspath(path))
-    import datasets  # a hub/local dataset name for load_dataset
+    def __len__(self) -> int:
+        return len(self._ds)
 
-    ds = datasets.load_dataset(path, split=split, **load_kwargs)
-    return [dict(r) for r in ds], None
-
-
-@dataclass
-class ValidationReport:
-    kept: int
-    skipped: list[str]
-
-
-def validate_record(record: dict, index: int, base_dir: str | None) -> None:
-    """Raise :class:`RecordError` if the record cannot be trained on."""
-    name = _record_name(record, index)
-    for key in REQUIRED_FIELDS:
-        if record.get(key) in (None, ""):
-            raise RecordError(f"{name}: missing field {key!r}")
-    if record.get("target") in (None, "") and not record.get("_allow_no_target"):
-        raise RecordError(f"{name}: missing field 'target'")
-    sizes = {}
-    for key in IMAGE_FIELDS:
-        if record.get(key) in (None, ""):
-            continue
-        img = open_image(
-            record[key], base_dir=base_dir, mode="L" if key == "mask" else "RGB", where=f"{name}, field {key!r}"
-        )
-        sizes[key] = img.size
-        if key == "mask" and img.getextrema()[1] < 128:
-            raise RecordError(
-                f"{name}, field 'mask': the mask is empty (no pixel >= 128); drop the record or give a region"
-            )
-    base = sizes.get("target") or sizes.get("draft")
-    for key in ("draft", "mask"):
-        if key in sizes and sizes[key] != base:
-            raise RecordError(
-                f"{name}: size mismatch: {key!r} is {sizes[key][0]}x{sizes[key][1]} but 'target' is {base[0]}x{base[1]} "
-                "(draft, target and mask must have the same size; the reference may differ)"
-            )
-
-
-def validate_records(
-    records: list[dict], base_dir: str | None, *, skip_invalid: bool = False
-) -> tuple[list[dict], ValidationReport]:
-    kept, skipped = [], []
-    for i, r in enumerate(records):
-        try:
-            validate_record(r, i, base_dir)
-            kept.append(r)
-        except RecordError as e:
-            if not skip_invalid:
-                raise
-            skipped.append(str(e))
-    if skipped:
-        logger.warning("skipped %d invalid record(s) of %d; first: %s", len(skipped), len(records), skipped[0])
-    if not kept:
-        raise RecordError("no valid record left after validation")
-    return kept, ValidationReport(len(kept), skipped)
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._ds.record(i)
 
 
 class TripletDataset(Dataset):
-    """Validated triplet records as tensors.
+    """Validated triplet records, decoded one item at a time.
 
     Items: ``prompt`` (str), ``draft``/``target`` ``[3, H, W]``, ``reference`` ``[3, Hr, Wr]``, ``mask``
     ``[1, H, W]`` (all ones when the record has none), ``index`` (int), and ``prompt_embeds`` /
-    ``pooled_prompt_embeds`` when the record carries precomputed text embeddings.
+    ``pooled_prompt_embeds`` when the record carries precomputed text embeddings. Pixel values are in [0, 1],
+    decoded from any image mode to 8-bit RGB (``alpha_background`` says how transparency is flattened).
     Images are resized to ``resolution`` (or the nearest of ``buckets``), sides multiples of ``multiple``.
+
+    ``records``: a list of record dicts, a ``datasets.Dataset``, or a :class:`RecordSource` from
+    :func:`load_records`; ``num_proc`` processes validate them (:func:`validate_records`).
     """
 
     def __init__(
         self,
-        records: list[dict],
+        records: list[dict] | Any,
         base_dir: str | None = None,
         *,
         resolution: int | None = None,
@@ -205,28 +95,65 @@ class TripletDataset(Dataset):
         multiple: int = 16,
         validate: bool = True,
         skip_invalid: bool = False,
-        require_target: bool = True,
+        alpha_background: str = "white",
+        num_proc: int | None = None,
     ):
-        if not require_target:
-            records = [dict(r, _allow_no_target=True) for r in records]
+        source = load_records(records)
+        if base_dir is not None:
+            source = dataclasses.replace(source, base_dir=base_dir)
+        self.source, self.alpha_background = source, check_alpha_background(alpha_background)
         if validate:
-            records, self.report = validate_records(records, base_dir, skip_invalid=skip_invalid)
+            v = validate_records(
+                source, skip_invalid=skip_invalid, alpha_background=alpha_background, num_proc=num_proc
+            )
         else:
-            self.report = ValidationReport(len(records), [])
-        self.records, self.base_dir = records, base_dir
+            n = len(source.dataset)
+            v = Validated(np.arange(n), np.full((n, 4), -1), np.full(n, -1), ValidationReport(n))
+        self._rows, self._sizes, self._has, self.report = v.rows, v.sizes, v.has, v.report
         self.resolution, self.buckets, self.multiple = resolution, sorted(buckets) if buckets else None, multiple
 
     @classmethod
-    def from_source(cls, source: Any, **kwargs) -> TripletDataset:
-        records, base_dir = load_records(source)
-        return cls(records, base_dir, **kwargs)
+    def from_source(
+        cls, source: Any, *, split: str = "train", cache_dir: str | None = None, **kwargs
+    ) -> TripletDataset:
+        """Load ``source`` (a file, folder, ``datasets`` name or object; see :func:`load_records`) and validate it."""
+        return cls(load_records(source, split=split, cache_dir=cache_dir), **kwargs)
+
+    @property
+    def base_dir(self) -> str | None:
+        return self.source.base_dir
+
+    @property
+    def records(self) -> Sequence[dict]:
+        """The kept records as dicts, read lazily (image fields undecoded)."""
+        return _RecordView(self)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self._rows)
 
-    def _image(self, record: dict, index: int, key: str, mode: str = "RGB") -> Image.Image:
-        return open_image(
-            record[key], base_dir=self.base_dir, mode=mode, where=f"{_record_name(record, index)}, field {key!r}"
+    def record(self, index: int) -> dict:
+        """The raw record of item ``index`` (image fields as paths, bytes or ``datasets`` image dicts)."""
+        row = self.source.dataset[int(self._rows[index])]
+        return parse_jsonl_row(row, self.source.name) if self.source.jsonl else row
+
+    def has_field(self, name: str) -> bool:
+        """Whether every item carries ``name`` (``target``, ``prompt_embeds``, ... or an always-present field)."""
+        if name in ITEM_FIELDS:
+            return True
+        if name not in OPTIONAL_FIELDS or not len(self):
+            return False
+        if self._has[0] < 0:  # not validated: look at the records
+            return all(self.record(i).get(name) not in (None, "") for i in range(len(self)))
+        bit = 1 << OPTIONAL_FIELDS.index(name)
+        return bool(np.all(self._has & bit))
+
+    def _image(self, record: dict, index: int, key: str, mask: bool = False) -> Image.Image:
+        return load_image(
+            record[key],
+            base_dir=self.base_dir,
+            where=f"{record_name(record, index)}, field {key!r}",
+            mask=mask,
+            alpha_background=self.alpha_background,
         )
 
     def _size(self, w: int, h: int) -> tuple[int, int]:
@@ -234,7 +161,7 @@ class TripletDataset(Dataset):
         return fit_size(h, w, res, self.multiple)
 
     def __getitem__(self, index: int) -> dict:
-        r = self.records[index]
+        r = self.record(index)
         draft = self._image(r, index, "draft")
         h, w = self._size(*draft.size)
         ref = self._image(r, index, "reference")
@@ -248,7 +175,7 @@ class TripletDataset(Dataset):
         if r.get("target") not in (None, ""):
             item["target"] = to_tensor(self._image(r, index, "target").resize((w, h), Image.BICUBIC))
         if r.get("mask") not in (None, ""):
-            m = to_tensor(self._image(r, index, "mask", "L").resize((w, h), Image.NEAREST))
+            m = to_tensor(self._image(r, index, "mask", mask=True).resize((w, h), Image.NEAREST))
             item["mask"] = (m >= 0.5).float()
         else:
             item["mask"] = torch.ones(1, h, w)
@@ -258,20 +185,15 @@ class TripletDataset(Dataset):
         return item
 
     def bucket_of(self, index: int) -> tuple[int, int, int, int]:
-        """(H, W, Hr, Wr) after resizing, read from image headers only: the key of a size bucket."""
-        r = self.records[index]
-        with Image.open(self._path(r["draft"])) if isinstance(r["draft"], str) else self._image(r, index, "draft") as d:
-            h, w = self._size(*d.size)
-        with (
-            Image.open(self._path(r["reference"]))
-            if isinstance(r["reference"], str)
-            else self._image(r, index, "reference") as ref
-        ):
-            rh, rw = self._size(*ref.size)
-        return h, w, rh, rw
-
-    def _path(self, p: str) -> str:
-        return p if os.path.isabs(p) or not self.base_dir else os.path.join(self.base_dir, p)
+        """(H, W, Hr, Wr) after resizing, the key of a size bucket: from the sizes the validation pass stored, or
+        (without validation) from the image headers."""
+        h, w, rh, rw = (int(v) for v in self._sizes[index])
+        if h < 0:
+            r = self.record(index)
+            name = record_name(r, index)
+            w, h = header_size(r["draft"], base_dir=self.base_dir, where=f"{name}, field 'draft'")
+            rw, rh = header_size(r["reference"], base_dir=self.base_dir, where=f"{name}, field 'reference'")
+        return (*self._size(w, h), *self._size(rw, rh))
 
 
 def collate_triplets(items: Iterable[dict]) -> dict:
@@ -286,7 +208,7 @@ def collate_triplets(items: Iterable[dict]) -> dict:
             continue
         shapes = {tuple(it[key].shape) for it in items}
         if len(shapes) > 1:
-            raise RecordError(
+            raise DataError(
                 f"records {[it['index'] for it in items]} have different {key!r} sizes {sorted(shapes)} in one batch: "
                 "set `resolution` so all images are resized alike, use `buckets` (batches are then drawn per bucket), "
                 "or use per_device_train_batch_size 1"

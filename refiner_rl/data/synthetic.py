@@ -1,22 +1,47 @@
 """Synthetic triplets with real fine detail, for the embedded default and the tests.
 
 Each record: a *target* image (a coarse background pattern with a fine-detail region: glyphs, fine
-stripes, fine checkers or a block texture), a *draft* (the target with the region degraded by a 4x
-average-pool round trip, which is what VAE compression does to fine detail), a *reference* (a different
-background with the region's true detail at the same place, optionally shifted by a few pixels) and the
-region's *mask*. The reference lines up with the target: SPEC §7 measured that a tiny policy learns
+stripes, fine checkers or a block texture; with ``textures="extended"`` also fine value noise and pen
+strokes), a *draft* (the target with the region degraded by a 4x average-pool round trip, which is what VAE
+compression does to fine detail; optionally blurred and/or JPEG-compressed too), a *reference* (a different
+background holding the region's true detail) and the region's *mask*.
+
+Where the detail sits in the reference is the record's *geometry* (``geometry=``, one name or a mix):
+
+- ``aligned`` (default): at the region's own place (or jittered by up to ``ref_shift`` pixels);
+- ``shifted``: the reference view is panned by up to ``shift_fraction`` of the image, same scale;
+- ``zoomed``: the reference is a crop around the region rescaled by a factor drawn from ``zoom_range`` (capped so
+  the magnified region fits the image), sampled nearest so the detail stays sharp;
+- ``view``: another view: a mild perspective warp (each corner moved by up to ``warp`` of the image side) and a
+  per-channel colour change ``ref = clip(gain * scene + bias)``, gain in ``1 +- color_jitter``, bias in
+  ``+- color_jitter / 2``. A region at the border may lose a few pixels out of the view.
+
+Every record carries what was used: ``ref_geometry``; ``ref_transform``, the 3x3 matrix (9 floats, row-major)
+taking a target point ``(x, y, 1)`` to reference coordinates ``(x', y', w)`` (divide by ``w``; pixel ``k`` spans
+``[k, k+1)``); ``ref_box`` ``[x0, y0, x1, y1]``, the reference pixels where the region's detail appears (clipped
+to the image); and ``ref_color`` ``[gain_r, gain_g, gain_b, bias_r, bias_g, bias_b]`` (bias in [0, 1] units).
+The default reference lines up with the target: docs/algorithms.md#the-tiny-default shows a tiny policy learns
 copying from an aligned reference in minutes on a CPU, while a zoomed, unaligned one needs far more.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from refiner_rl.errors import ConfigError
 
 PROMPT = "Restore the detail in the marked region using the reference image."
 GLYPHS = "ABCDEFGHKMNPRSTUVWXYZ0123456789#@%&"
+GEOMETRIES = ("aligned", "shifted", "zoomed", "view")
+DEGRADATIONS = ("pool", "blur", "jpeg")
+TEXTURES = {"classic": 4, "extended": 6}  # number of fine-detail kinds drawn from
 
 
 def _colors(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -37,9 +62,9 @@ def _coarse_pattern(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.where(on[..., None], c[0], c[1])
 
 
-def _fine_detail(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _fine_detail(rng: np.random.Generator, h: int, w: int, kinds: int = 4) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
-    kind = int(rng.integers(4))
+    kind = int(rng.integers(kinds))
     c = _colors(rng, 2)
     if kind == 0:  # fine stripes, period 2-3
         p = int(rng.integers(2, 4))
@@ -51,7 +76,7 @@ def _fine_detail(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         s = int(rng.integers(1, 3))
         blocks = rng.random(((h + s - 1) // s, (w + s - 1) // s)) < 0.5
         on = np.kron(blocks, np.ones((s, s), dtype=bool))[:h, :w]
-    else:  # glyphs / text
+    elif kind == 3:  # glyphs / text
         img = Image.new("L", (w, h), 0)
         draw = ImageDraw.Draw(img)
         font = ImageFont.load_default()
@@ -59,29 +84,168 @@ def _fine_detail(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         for row in range(0, h, 8):
             draw.text((int(rng.integers(-3, 1)), row - 1), text[row % 4 :] + text, fill=255, font=font)
         on = np.asarray(img) > 96
+    elif kind == 4:  # fine value noise: two octaves (cells of 1 and 2 pixels), many grey levels between c0 and c1
+        fine = rng.random((h, w))
+        coarse = np.kron(rng.random(((h + 1) // 2, (w + 1) // 2)), np.ones((2, 2)))[:h, :w]
+        t = (0.6 * fine + 0.4 * coarse)[..., None]
+        return c[0] * t + c[1] * (1 - t)
+    else:  # pen strokes: short 1-pixel lines at random angles, like handwriting
+        img = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(img)
+        for _ in range(max(3, h * w // 24)):
+            x, y = rng.random(2) * (w, h)
+            a, length = rng.random() * math.pi, 2 + rng.random() * 4
+            draw.line((x, y, x + length * math.cos(a), y + length * math.sin(a)), fill=255, width=1)
+        on = np.asarray(img) > 96
     return np.where(on[..., None], c[0], c[1])
 
 
-def _degrade(region: np.ndarray, factor: int = 4) -> np.ndarray:
+def _degrade(region: np.ndarray, factor: int = 4, steps: Sequence[str] = ("pool",)) -> np.ndarray:
     h, w, _ = region.shape
     img = Image.fromarray(region.astype(np.uint8))
-    small = img.resize((max(1, w // factor), max(1, h // factor)), Image.BOX)
-    return np.asarray(small.resize((w, h), Image.BILINEAR)).astype(np.float32)
+    if "pool" in steps:
+        small = img.resize((max(1, w // factor), max(1, h // factor)), Image.BOX)
+        img = small.resize((w, h), Image.BILINEAR)
+    if "blur" in steps:
+        img = img.filter(ImageFilter.GaussianBlur(radius=1.0))
+    if "jpeg" in steps:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=30)
+        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return np.asarray(img).astype(np.float32)
 
 
-def make_triplet(rng: np.random.Generator, size: int = 32, region: float = 0.5, ref_shift: int = 0) -> dict:
-    """One synthetic record with PIL images (``target``, ``draft``, ``reference``, ``mask``)."""
+def parse_geometry(geometry: str | Sequence[str] | Mapping[str, float]) -> dict[str, float]:
+    """Probabilities of each reference geometry from a name (``"zoomed"``), a list or comma list of names (an even
+    mix: ``"aligned,zoomed"``), or weights (``{"aligned": 1, "view": 3}`` or ``"aligned=1,view=3"``)."""
+    if isinstance(geometry, str):
+        parts = [p.strip() for p in geometry.split(",") if p.strip()]
+        if all("=" in p for p in parts):
+            items = []
+            for p in parts:
+                name, _, value = p.partition("=")
+                try:
+                    items.append((name.strip(), float(value)))
+                except ValueError:
+                    raise ConfigError(
+                        f"synthetic geometry: weight {value!r} of {name.strip()!r} is not a number"
+                    ) from None
+        else:
+            items = [(p, 1.0) for p in parts]
+    elif isinstance(geometry, Mapping):
+        items = [(str(k), float(v)) for k, v in geometry.items()]
+    else:
+        items = [(str(g), 1.0) for g in geometry]
+    unknown = [name for name, _ in items if name not in GEOMETRIES]
+    if not items or unknown:
+        raise ConfigError(
+            f"synthetic geometry {geometry!r}: unknown or missing geometry {unknown or ''}; use one of "
+            f"{', '.join(GEOMETRIES)}, a comma list of them, or name=weight pairs"
+        )
+    weights: dict[str, float] = {}
+    for name, w in items:
+        if w < 0 or not math.isfinite(w):
+            raise ConfigError(f"synthetic geometry: weight of {name!r} must be a finite number >= 0, got {w}")
+        weights[name] = weights.get(name, 0.0) + w
+    total = sum(weights.values())
+    if total <= 0:
+        raise ConfigError(f"synthetic geometry {geometry!r}: the weights sum to 0")
+    return {k: v / total for k, v in weights.items() if v > 0}
+
+
+def _homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 3x3 matrix taking the four points ``src`` [4, 2] to ``dst`` [4, 2] (direct linear solve, h33 = 1)."""
+    a, b = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        a += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        b += [u, v]
+    return np.append(np.linalg.solve(np.array(a, float), np.array(b, float)), 1.0).reshape(3, 3)
+
+
+def _apply(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    p = np.concatenate([xy, np.ones((len(xy), 1))], axis=1) @ m.T
+    return p[:, :2] / p[:, 2:]
+
+
+def _render(canvas: np.ndarray, pad: int, t: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` reference whose pixel centres map through ``inv(t)`` to target coordinates, sampled
+    nearest from ``canvas`` (the target frame with ``pad`` pixels on every side), so fine detail stays sharp."""
+    jj, ii = np.mgrid[0:size, 0:size]
+    centres = np.stack([ii.ravel() + 0.5, jj.ravel() + 0.5], axis=1)
+    src = _apply(np.linalg.inv(t), centres) + pad
+    hi = canvas.shape[0] - 1
+    x, y = (np.clip(np.floor(src[:, k]).astype(int), 0, hi) for k in (0, 1))
+    return canvas[y, x].reshape(size, size, 3)
+
+
+def _unaligned_transform(rng, kind: str, size: int, side: int, y0: int, x0: int, opts: dict) -> np.ndarray:
+    """The target-to-reference matrix of one ``shifted``, ``zoomed`` or ``view`` record."""
+    if kind == "shifted":  # a pan keeping the whole region in view; never the aligned position
+        m = max(1, int(round(opts["shift_fraction"] * size)))
+        lo, hi = (max(-m, -x0), max(-m, -y0)), (min(m, size - side - x0), min(m, size - side - y0))
+        dx = dy = 0
+        while dx == 0 and dy == 0:
+            dx, dy = (int(rng.integers(lo[k], hi[k] + 1)) for k in (0, 1))
+        return np.array([[1.0, 0, dx], [0, 1.0, dy], [0, 0, 1]])
+    if kind == "zoomed":  # window of side size/z inside the image, containing the region; region lands at (ox, oy)
+        zmin, zmax = opts["zoom_range"]
+        z = float(rng.uniform(zmin, min(zmax, size / side)))
+        o = []
+        for p in (x0, y0):
+            lo, hi = max(0.0, size - z * (size - p)), min(size - side * z, z * p)
+            o.append(float(rng.uniform(lo, hi)) if hi > lo else lo)
+        return np.array([[z, 0, o[0] - z * x0], [0, z, o[1] - z * y0], [0, 0, 1]])
+    d = opts["warp"] * size  # view: the reference's corners come from the target frame's corners moved by <= d
+    corners = np.array([[0, 0], [size, 0], [size, size], [0, size]], float)
+    return _homography(corners + rng.uniform(-d, d, size=(4, 2)), corners)
+
+
+def make_triplet(
+    rng: np.random.Generator,
+    size: int = 32,
+    region: float = 0.5,
+    ref_shift: int = 0,
+    *,
+    geometry: str | Sequence[str] | Mapping[str, float] = "aligned",
+    shift_fraction: float = 0.25,
+    zoom_range: tuple[float, float] = (1.5, 2.0),
+    warp: float = 0.08,
+    color_jitter: float = 0.2,
+    degrade: str = "pool",
+    textures: str = "classic",
+) -> dict:
+    """One synthetic record with PIL images (``target``, ``draft``, ``reference``, ``mask``) and the reference's
+    geometry (module docstring). ``ref_shift`` jitters the ``aligned`` geometry only."""
+    opts = _check_options(size, region, geometry, shift_fraction, zoom_range, warp, color_jitter, degrade, textures)
+    probs = opts["geometry"]
+    kind = next(iter(probs)) if len(probs) == 1 else str(rng.choice(list(probs), p=list(probs.values())))
     side = max(4, int(round(size * region)))
     y0, x0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-    detail = _fine_detail(rng, side, side)
+    detail = _fine_detail(rng, side, side, TEXTURES[textures])
     target = _coarse_pattern(rng, size)
     target[y0 : y0 + side, x0 : x0 + side] = detail
     draft = target.copy()
-    draft[y0 : y0 + side, x0 : x0 + side] = _degrade(detail)
-    reference = _coarse_pattern(rng, size)
-    dy, dx = (int(v) for v in rng.integers(-ref_shift, ref_shift + 1, size=2)) if ref_shift else (0, 0)
-    ry, rx = min(max(0, y0 + dy), size - side), min(max(0, x0 + dx), size - side)
-    reference[ry : ry + side, rx : rx + side] = detail
+    draft[y0 : y0 + side, x0 : x0 + side] = _degrade(detail, steps=opts["degrade"])
+    color = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    if kind == "aligned":
+        reference = _coarse_pattern(rng, size)
+        dy, dx = (int(v) for v in rng.integers(-ref_shift, ref_shift + 1, size=2)) if ref_shift else (0, 0)
+        ry, rx = min(max(0, y0 + dy), size - side), min(max(0, x0 + dx), size - side)
+        reference[ry : ry + side, rx : rx + side] = detail
+        t = np.array([[1.0, 0, rx - x0], [0, 1.0, ry - y0], [0, 0, 1]])
+    else:
+        pad = int(math.ceil(max(opts["shift_fraction"], opts["warp"]) * size)) + 1
+        canvas = _coarse_pattern(rng, size + 2 * pad)
+        canvas[y0 + pad : y0 + pad + side, x0 + pad : x0 + pad + side] = detail
+        t = _unaligned_transform(rng, kind, size, side, y0, x0, opts)
+        reference = _render(canvas, pad, t, size)
+        if kind == "view":
+            j = opts["color_jitter"]
+            color = [float(v) for v in np.concatenate([rng.uniform(1 - j, 1 + j, 3), rng.uniform(-j / 2, j / 2, 3)])]
+            reference = np.round(np.clip(reference * color[:3] + np.asarray(color[3:]) * 255.0, 0, 255))
+    corners = _apply(t, np.array([[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side]], float))
+    lo, hi = np.floor(corners.min(0) + 1e-6), np.ceil(corners.max(0) - 1e-6)
+    box = [int(np.clip(v, 0, size)) for v in (lo[0], lo[1], hi[0], hi[1])]
     mask = np.zeros((size, size), dtype=np.uint8)
     mask[y0 : y0 + side, x0 : x0 + side] = 255
 
@@ -94,23 +258,65 @@ def make_triplet(rng: np.random.Generator, size: int = 32, region: float = 0.5, 
         "draft": im(draft),
         "reference": im(reference),
         "mask": Image.fromarray(mask, mode="L"),
+        "ref_geometry": kind,
+        "ref_box": box,
+        "ref_transform": [round(float(v), 6) for v in t.ravel()],
+        "ref_color": [round(v, 6) for v in color],
     }
 
 
-def synthetic_records(n: int, seed: int = 0, size: int = 32, region: float = 0.5, ref_shift: int = 0) -> list[dict]:
-    """``n`` in-memory records; the same seed gives the same records."""
+def _check_options(size, region, geometry, shift_fraction, zoom_range, warp, color_jitter, degrade, textures) -> dict:
+    probs = parse_geometry(geometry)
+    side = max(4, int(round(size * region)))
+    if side > size:
+        raise ConfigError(f"synthetic `region` {region} gives a {side}-pixel region in a {size}-pixel image; use <= 1")
+    if "shifted" in probs and (side >= size or shift_fraction <= 0):
+        raise ConfigError(
+            f"synthetic geometry `shifted` needs room to move the region: region {region} of size {size} with "
+            f"shift_fraction {shift_fraction}; use a region < 1 and a shift_fraction > 0"
+        )
+    zmin, zmax = (float(v) for v in zoom_range)
+    if "zoomed" in probs and not (1.0 <= zmin <= zmax and zmin * side <= size):
+        raise ConfigError(
+            f"synthetic zoom_range {tuple(zoom_range)} must satisfy 1 <= min <= max and min * region <= 1 (the "
+            f"zoomed region must fit the reference); region is {region}, so use a min zoom <= {size / side:.2f}"
+        )
+    if not (0 <= warp < 0.25) or not (0 <= color_jitter < 1):
+        raise ConfigError(f"synthetic warp must be in [0, 0.25) and color_jitter in [0, 1), got {warp}, {color_jitter}")
+    steps = [s.strip() for s in degrade.split("+") if s.strip()]
+    if not steps or any(s not in DEGRADATIONS for s in steps):
+        raise ConfigError(f"synthetic degrade {degrade!r}: use steps of {', '.join(DEGRADATIONS)} joined by '+'")
+    if textures not in TEXTURES:
+        raise ConfigError(f"synthetic textures {textures!r}: use one of {', '.join(TEXTURES)}")
+    return {
+        "geometry": probs,
+        "shift_fraction": shift_fraction,
+        "zoom_range": (zmin, zmax),
+        "warp": warp,
+        "color_jitter": color_jitter,
+        "degrade": steps,
+    }
+
+
+def synthetic_records(
+    n: int, seed: int = 0, size: int = 32, region: float = 0.5, ref_shift: int = 0, **geometry_options
+) -> list[dict]:
+    """``n`` in-memory records; the same seed and options give the same records. ``geometry_options`` are the
+    keyword options of :func:`make_triplet` (``geometry``, ``shift_fraction``, ``zoom_range``, ``warp``,
+    ``color_jitter``, ``degrade``, ``textures``)."""
     rng = np.random.default_rng(seed)
-    return [dict(make_triplet(rng, size, region, ref_shift), id=f"syn-{seed}-{i}") for i in range(n)]
+    return [
+        dict(make_triplet(rng, size, region, ref_shift, **geometry_options), id=f"syn-{seed}-{i}") for i in range(n)
+    ]
 
 
 def write_synthetic_dataset(folder: str, n: int, seed: int = 0, size: int = 32, **kwargs) -> str:
-    """Write ``n`` records as PNG files plus ``records.jsonl`` (paths relative to ``folder``)."""
-    import json
-
+    """Write ``n`` records as PNG files plus ``records.jsonl`` (paths relative to ``folder``; the ``ref_*``
+    geometry fields are written as they are)."""
     os.makedirs(folder, exist_ok=True)
     lines = []
     for rec in synthetic_records(n, seed, size, **kwargs):
-        row = {"id": rec["id"], "prompt": rec["prompt"]}
+        row = {k: v for k, v in rec.items() if not isinstance(v, Image.Image)}
         for key in ("target", "draft", "reference", "mask"):
             name = f"{rec['id']}_{key}.png"
             rec[key].save(os.path.join(folder, name))

@@ -1,6 +1,6 @@
 """One sampling step of a flow-matching policy: ODE Euler, or a Gaussian SDE step with a log-prob.
 
-Conventions (diffusers flow-match, SPEC §3): ``x_s = (1 - s) x0 + s eps``; the model predicts
+Conventions (diffusers flow-match; docs/algorithms.md#conventions): ``x_s = (1 - s) x0 + s eps``; the model predicts
 ``v = eps - x0``; a step goes s -> s' < s with ``dt = s' - s < 0``. Estimates: ``x0_hat = x - s v``,
 ``eps_hat = x + (1 - s) v``. Latents are ``[B, ...]`` (packed ``[B, N, C]`` for Flux); ``sigma`` and
 ``sigma_next`` are floats or per-sample tensors ``[B]``. All step math runs in fp32 (inputs are upcast).

@@ -1,7 +1,7 @@
 """The SDE window: which sampling steps are stochastic and trained; the others run as ODE under no_grad.
 
 Steps are indexed 0..num_steps-1; step i goes sigmas[i] -> sigmas[i + 1], so step 0 is the noisiest.
-The last step (num_steps - 1, nearly clean) is never in the window: its likelihood overflows (SPEC §3).
+The last step (num_steps - 1, nearly clean) is never in the window: its likelihood overflows.
 A window of a few high-noise steps (Flow-GRPO-Fast, MixGRPO) cuts training compute by large factors.
 
 | mode    | window start at iteration k                                                          |

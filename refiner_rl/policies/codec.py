@@ -2,7 +2,7 @@
 
 The real path wraps the editor's own ``AutoencoderKL``. The embedded default uses a lossless
 pixel-unshuffle codec: tiny VAEs trained for minutes on a CPU reach only 12-15 dB PSNR on fine synthetic
-detail (SPEC §7), which would bury every reward in reconstruction error.
+detail (docs/algorithms.md#the-tiny-default), which would bury every reward in reconstruction error.
 
 Both codecs take images ``[B, 3, H, W]`` in ``[0, 1]`` and return latents ``[B, C, H / f, W / f]``.
 """

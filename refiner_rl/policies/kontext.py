@@ -74,7 +74,7 @@ class TextEmbeds:
 @dataclass
 class Conditions:
     """Everything the velocity forward needs besides the noisy target: computed once per record and
-    shared by every sample of its group (see :meth:`repeat`)."""
+    shared by every sample of its group (see :meth:`select`)."""
 
     tokens: torch.Tensor  # [B, M, C] packed draft + reference latents
     ids: torch.Tensor  # [M, 3]
@@ -86,20 +86,6 @@ class Conditions:
     @property
     def num_target_tokens(self) -> int:
         return self.target_ids.shape[0]
-
-    def repeat(self, n: int) -> Conditions:
-        """Each condition repeated ``n`` times in a row (a group of ``n`` samples per condition)."""
-
-        def rep(t):
-            return t.repeat_interleave(n, dim=0)
-
-        neg = None if self.negative is None else TextEmbeds(rep(self.negative.prompt_embeds), rep(self.negative.pooled))
-        return replace(
-            self,
-            tokens=rep(self.tokens),
-            text=TextEmbeds(rep(self.text.prompt_embeds), rep(self.text.pooled)),
-            negative=neg,
-        )
 
     def select(self, index: torch.Tensor | slice) -> Conditions:
         neg = (
@@ -284,9 +270,6 @@ class KontextPolicy:
         self._text_cache.clear()
         return self
 
-    def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in (self.codec, self.text_encoder, self.text_encoder_2) if m is not None]
-
     # ------------------------------------------------------------------------------------------------- text
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextEmbeds:
@@ -429,23 +412,32 @@ class KontextPolicy:
     # ------------------------------------------------------------------------------------------------- LoRA
     def add_lora(
         self,
-        rank: int = 16,
+        rank=16,
         alpha: float | None = None,
         target_modules=DEFAULT_LORA_TARGETS,
         dropout: float = 0.0,
         init: str | bool = True,
     ) -> None:
-        """Attach a peft LoRA adapter to the transformer (base weights frozen)."""
+        """Attach a peft LoRA adapter to the transformer (base weights frozen). ``rank`` may be a whole peft
+        ``LoraConfig`` (the other arguments are then unused); one without ``target_modules`` gets
+        :data:`DEFAULT_LORA_TARGETS`."""
         from peft import LoraConfig
 
+        if self.has_lora:
+            raise ValueError("the transformer already has a LoRA adapter: attach one adapter only")
+        if isinstance(rank, LoraConfig):
+            cfg = rank
+            if cfg.target_modules is None:
+                cfg = replace(cfg, target_modules=set(DEFAULT_LORA_TARGETS))
+        else:
+            cfg = LoraConfig(
+                r=rank,
+                lora_alpha=alpha if alpha is not None else rank,
+                lora_dropout=dropout,
+                target_modules=list(target_modules),
+                init_lora_weights=init,
+            )
         self.transformer.requires_grad_(False)
-        cfg = LoraConfig(
-            r=rank,
-            lora_alpha=alpha if alpha is not None else rank,
-            lora_dropout=dropout,
-            target_modules=list(target_modules),
-            init_lora_weights=init,
-        )
         self.transformer.add_adapter(cfg)
 
     @property
@@ -496,9 +488,6 @@ class KontextPolicy:
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"LoRA at {path!r} does not match this transformer: unexpected keys {unexpected[:5]}")
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

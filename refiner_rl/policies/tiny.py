@@ -1,12 +1,12 @@
 """Tiny Kontext-shaped components built from configs with random weights: no file, no network.
 
 Used by the embedded default (``refiner-rl demo``), the tests and the benches. Sizes follow how
-diffusers' own tests size a Kontext model (SPEC §7), scaled up a little so the policy can learn.
+diffusers' own tests size a Kontext model, scaled up a little so the policy can learn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +34,7 @@ def byte_tokenizer(model_max_length: int):
 
 @dataclass
 class TinySpec:
-    """Shape of the tiny editor. Defaults: 2 + 2 blocks, 4 heads of 32 (SPEC §7 measured these learn SFT
+    """Shape of the tiny editor. Defaults: 2 + 2 blocks, 4 heads of 32 (measured to learn SFT
     on a CPU in minutes). ``codec='pixel'`` is the lossless codec; ``'vae'`` a random tiny AutoencoderKL."""
 
     num_layers: int = 2
@@ -51,7 +51,6 @@ class TinySpec:
     text_max_length: int = 32
     guidance_embeds: bool = False
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def tiny_components(spec: TinySpec | None = None, **overrides) -> dict:

@@ -10,7 +10,7 @@ Total reward (both aggregations log it)::
     total[i] = sum over k with r[i, k] not NaN of  w[k] * r[i, k]      (NaN when no reward scored i)
 
 A missing reward contributes nothing, as in TRL (``nansum``); a sample that *no* reward scored is
-``valid = False``: it is left out of every mean and std and gets advantage 0 (SPEC §6: never turn a failure
+``valid = False``: it is left out of every mean and std and gets advantage 0 (never turn a failure
 into a fake bad score).
 
 ``aggregation="sum_then_normalize"`` (TRL's default)::

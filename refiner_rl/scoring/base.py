@@ -11,19 +11,23 @@ PIL images are accepted too and converted with :func:`as_image_tensor`.
 
 ``None`` means "this sample cannot be scored". The trainer excludes it from the group statistics and
 counts it; it is never turned into 0.0 (that would fake a bad sample).
+
+A reward scores each sample on its own (a pairwise judge compares the sample with a column image such as the
+draft, not with the other samples of its group). How much a reward counts is not the plug-in's business: the
+weights are the recipe's (``weight:`` per entry, or TRL's ``reward_weights``), see
+:func:`refiner_rl.scoring.registry.split_weights`. Plain TRL reward functions are wrapped by
+:class:`refiner_rl.scoring.functions.FunctionReward`; :func:`refiner_rl.scoring.batch.score_batch` scores a
+batch with a list of rewards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 KNOWN_FIELDS = ("prompt", "draft", "reference", "target", "mask")
 
@@ -56,29 +60,36 @@ def as_image_tensor(image: Any, channels: int = 3) -> torch.Tensor:
     return t
 
 
+def to_pil(image: Any, mode: str = "RGB"):
+    """A PIL image (``RGB``, or ``L`` for a mask) from a ``[C, H, W]`` tensor in [0, 1] (or anything
+    :func:`as_image_tensor` takes); a PIL image in that mode is returned as is. Values are rounded to uint8."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image) and image.mode == mode:
+        return image
+    t = as_image_tensor(image, channels=1 if mode == "L" else 3).detach().float().cpu().clamp(0, 1)
+    arr = (t.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
+    return Image.fromarray(arr[..., 0] if mode == "L" else arr, mode=mode)
+
+
 class Reward:
     """Base class of reward plug-ins.
 
     Subclasses set ``name`` and ``required_fields`` and implement :meth:`score`, which returns one value
     per completion (``None`` where a sample cannot be scored). Rewards that give spatial credit also
-    implement :meth:`score_maps`. Constructor keyword arguments are the plug-in's options; they come from
-    the recipe's ``rewards:`` entry.
+    implement :meth:`score_maps`. Rewards that wait on I/O (a judge server) may implement
+    ``async def ascore`` and return ``True`` from :attr:`is_async`: :func:`~refiner_rl.scoring.batch.score_batch`
+    then awaits them concurrently with the batch's other async rewards, and a deadline cancels them cleanly.
+    Constructor keyword arguments are the plug-in's options; they come from the recipe's ``rewards:`` entry.
     """
 
     name: ClassVar[str] = ""
     required_fields: ClassVar[tuple[str, ...]] = ()
     # Fields used when the data has them (e.g. ``mask``: without it the whole image is the region).
     optional_fields: ClassVar[tuple[str, ...]] = ()
-    kind: ClassVar[Literal["pointwise", "groupwise"]] = "pointwise"
     provides_maps: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        weight: float = 1.0,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-    ):
-        self.weight = float(weight)
+    def __init__(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -100,12 +111,22 @@ class Reward:
         self.device = torch.device(device)
         return self
 
+    async def ascore(self, prompts: Sequence[str], completions: Sequence[Any], **columns) -> list[float | None]:
+        """The async form of :meth:`score`, for rewards with :attr:`is_async` true."""
+        raise NotImplementedError(f"{type(self).__name__} has no async score")
+
+    @property
+    def is_async(self) -> bool:
+        """Whether :func:`~refiner_rl.scoring.batch.score_batch` should await :meth:`ascore` instead of calling
+        :meth:`score` (true when a subclass overrides ``ascore``)."""
+        return type(self).ascore is not Reward.ascore
+
     def __call__(self, prompts: Sequence[str], completions: Sequence[Any], **columns) -> list[float | None]:
         scores = self.score(prompts, completions, **columns)
         return [clean_score(s) for s in scores]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, weight={self.weight})"
+        return f"{type(self).__name__}(name={self.name!r})"
 
 
 def clean_score(value: Any) -> float | None:
@@ -205,39 +226,45 @@ class ScoreResult(NamedTuple):
     error: str | None
 
 
-def score_safely(reward: Reward, prompts: Sequence[str], completions: Sequence[Any], **columns) -> ScoreResult:
-    """Score a batch with ``reward`` and never raise.
+def checked_result(n: int, raw_scores: Any, raw_maps: Any = None) -> ScoreResult:
+    """A reward's raw output as a :class:`ScoreResult`: NaN/inf and non-numbers become ``None``, a map is kept
+    (float32, CPU) only where its score is not ``None``. A ValueError when there are not ``n`` scores/maps."""
+    raw_scores = list(raw_scores)
+    raw_maps = [None] * n if raw_maps is None else list(raw_maps)
+    if len(raw_scores) != n or len(raw_maps) != n:
+        raise ValueError(f"returned {len(raw_scores)} scores and {len(raw_maps)} maps for {n} completions")
+    scores = [clean_score(s) for s in raw_scores]
+    maps = [
+        None if s is None or m is None else torch.as_tensor(m, dtype=torch.float32).detach().cpu()
+        for s, m in zip(scores, raw_maps)
+    ]
+    return ScoreResult(scores, maps, sum(s is None for s in scores), None)
 
-    - An exception inside the reward is logged as a warning naming the reward; every sample gets ``None``
-      and ``error`` carries ``"ExceptionType: message"``.
+
+def failed_result(n: int, error: BaseException | str) -> ScoreResult:
+    """Every sample ``None``; ``error`` as ``"ExceptionType: message"``."""
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return ScoreResult([None] * n, [None] * n, n, message)
+
+
+def score_safely(
+    reward: Reward, prompts: Sequence[str], completions: Sequence[Any], *, with_maps: bool = True, **columns
+) -> ScoreResult:
+    """Score a batch with one ``reward`` and never raise (it logs nothing: the caller logs once per batch).
+
+    - An exception inside the reward gives every sample ``None`` and ``error`` = ``"ExceptionType: message"``.
     - NaN/inf (or non-numbers) become ``None``; a map is dropped where its score is ``None``.
     - A reward returning the wrong number of scores counts as a failure of the whole batch.
 
-    ``maps`` come from :meth:`Reward.score_maps` when the reward sets ``provides_maps`` (float tensors
-    ``[h, w]``, NaN where a patch has no score), otherwise they are all ``None``. ``n_failed`` counts the
-    samples left without a score, whatever the reason.
+    ``maps`` come from :meth:`Reward.score_maps` when ``with_maps`` and the reward sets ``provides_maps``
+    (float tensors ``[h, w]``, NaN where a patch has no score), otherwise they are all ``None``. ``n_failed``
+    counts the samples left without a score, whatever the reason. Several rewards at once, async ones
+    concurrently: :func:`refiner_rl.scoring.batch.score_batch`.
     """
     n = len(completions)
-    label = getattr(reward, "name", "") or type(reward).__name__
     try:
-        if getattr(reward, "provides_maps", False):
-            raw_scores, raw_maps = reward.score_maps(prompts, completions, **columns)
-        else:
-            raw_scores, raw_maps = reward(prompts, completions, **columns), None
-        raw_scores = list(raw_scores)
-        raw_maps = [None] * n if raw_maps is None else list(raw_maps)
-        if len(raw_scores) != n or len(raw_maps) != n:
-            raise ValueError(f"returned {len(raw_scores)} scores and {len(raw_maps)} maps for {n} completions")
+        if with_maps and getattr(reward, "provides_maps", False):
+            return checked_result(n, *reward.score_maps(prompts, completions, **columns))
+        return checked_result(n, reward(prompts, completions, **columns))
     except Exception as e:  # noqa: BLE001 - a reward must never crash a run
-        message = f"{type(e).__name__}: {e}"
-        logger.warning("reward %r failed on a batch of %d; its scores are None for this batch (%s)", label, n, message)
-        return ScoreResult([None] * n, [None] * n, n, message)
-
-    scores = [clean_score(s) for s in raw_scores]
-    maps: list[torch.Tensor | None] = []
-    for s, m in zip(scores, raw_maps):
-        if s is None or m is None:
-            maps.append(None)
-        else:
-            maps.append(torch.as_tensor(m, dtype=torch.float32).detach().cpu())
-    return ScoreResult(scores, maps, sum(s is None for s in scores), None)
+        return failed_result(n, e)

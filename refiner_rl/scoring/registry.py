@@ -1,6 +1,6 @@
 """Reward registry: built-ins, entry points and dotted paths, and building rewards from a recipe.
 
-Three ways a reward class becomes known by name:
+Three ways a reward becomes known by name:
 
 1. built-ins: every module of ``refiner_rl.rewards`` (the repository's ``rewards/`` folder) is imported and
    its classes register themselves with :func:`register_reward`;
@@ -10,29 +10,37 @@ Three ways a reward class becomes known by name:
        my_reward = "my_pkg.rewards:MyReward"
 
    (the class is registered under its ``name`` attribute, or the entry-point name when it has none);
-3. a dotted path ``package.module:Class`` used directly as the name in a recipe.
+3. a dotted path used directly as the name in a recipe, ``package.module:attr`` or ``package.module.attr``,
+   where ``attr`` is a :class:`Reward` subclass or a plain TRL reward function (wrapped in
+   :class:`~refiner_rl.scoring.functions.FunctionReward`).
 
 A recipe lists rewards as specs::
 
     rewards:
       - {name: patch_dreamsim, weight: 1.0, patch_size: 64}
       - {name: masked_pixel, weight: 0.5}
+      - {name: my_pkg.rewards.brightness, weight: 0.1}
 
-Every key besides ``name`` and ``weight`` is a constructor option of the reward; unknown names and unknown
-options are errors that list what would work.
+``weight`` belongs to the recipe, not to the reward: :func:`split_weights` takes it out of the specs (the GRPO
+config turns it into TRL's ``reward_weights``). Every other key besides ``name`` is a constructor option of the
+reward (a keyword parameter of a function); unknown names and unknown options are errors that list what would
+work. :func:`build_reward_funcs` builds rewards from specs, :class:`Reward` instances and plain callables alike.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import logging
 import pkgutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from refiner_rl.errors import ConfigError
 from refiner_rl.scoring.base import Reward
+from refiner_rl.scoring.functions import FunctionReward, keyword_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +53,7 @@ _LOAD_ERRORS: dict[str, str] = {}  # module or entry point -> error, shown when 
 _discovered = False
 
 
-class RewardConfigError(ValueError):
+class RewardConfigError(ConfigError):
     """A reward spec in a recipe is wrong (unknown name, unknown option, missing fields)."""
 
 
@@ -133,34 +141,67 @@ def load_errors() -> dict[str, str]:
     return dict(_LOAD_ERRORS)
 
 
-def _import_dotted(path: str) -> type[Reward]:
-    module_name, _, attr = path.partition(":")
+def _import_dotted(path: str) -> Any:
+    """The object a dotted path names: ``package.module:attr.sub`` or ``package.module.attr`` (the longest
+    importable module prefix, then attributes)."""
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+        attrs = attr.split(".")
+    else:
+        parts = path.split(".")
+        module_name, attrs = path, []
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                found = importlib.util.find_spec(".".join(parts[:cut])) is not None
+            except (ImportError, ValueError):  # a parent is a module, not a package, or is missing
+                found = False
+            if found:
+                module_name, attrs = ".".join(parts[:cut]), parts[cut:]
+                break
     try:
         obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
+        for part in attrs:
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, ValueError) as e:
         raise RewardConfigError(
-            f"cannot import reward {path!r} ({type(e).__name__}: {e}); "
-            "a dotted path has the form 'package.module:ClassName'"
+            f"cannot import reward {path!r} ({type(e).__name__}: {e}); a dotted path has the form "
+            "'package.module:name' or 'package.module.name' (a Reward subclass or a reward function)"
         ) from e
-    if not (inspect.isclass(obj) and issubclass(obj, Reward)):
-        raise RewardConfigError(f"{path!r} is not a subclass of refiner_rl.scoring.Reward")
     return obj
+
+
+def resolve_reward(name: str) -> type[Reward] | Callable[..., Any]:
+    """The :class:`Reward` subclass or the plain reward function a recipe ``name`` means: a registered name
+    first, else a dotted path (``package.module:attr`` or ``package.module.attr``)."""
+    if ":" not in name:
+        known = available_rewards()
+        if name in known:
+            return known[name]
+        if "." not in name:
+            msg = f"unknown reward {name!r}; known rewards: {', '.join(known) or '(none)'}"
+            msg += (
+                ". A third-party reward or a reward function can also be named by its dotted path 'package.module:name'"
+            )
+            if _LOAD_ERRORS:
+                msg += "; some plug-ins failed to load: " + "; ".join(f"{k}: {v}" for k, v in _LOAD_ERRORS.items())
+            raise RewardConfigError(msg)
+    obj = _import_dotted(name)
+    if inspect.isclass(obj) and issubclass(obj, Reward):
+        return obj
+    if callable(obj) and not inspect.isclass(obj):
+        return obj
+    raise RewardConfigError(
+        f"{name!r} is {obj!r}: neither a subclass of refiner_rl.scoring.Reward nor a reward function "
+        "f(prompts, completions, **kwargs) -> list[float | None]"
+    )
 
 
 def get_reward_class(name: str) -> type[Reward]:
     """The class for a registered name or a dotted path ``package.module:Class``."""
-    if ":" in name:
-        return _import_dotted(name)
-    known = available_rewards()
-    if name in known:
-        return known[name]
-    msg = f"unknown reward {name!r}; known rewards: {', '.join(known) or '(none)'}"
-    msg += ". A third-party reward can also be named by its dotted path 'package.module:ClassName'"
-    if _LOAD_ERRORS:
-        msg += "; some plug-ins failed to load: " + "; ".join(f"{k}: {v}" for k, v in _LOAD_ERRORS.items())
-    raise RewardConfigError(msg)
+    obj = resolve_reward(name)
+    if not inspect.isclass(obj):
+        raise RewardConfigError(f"{name!r} is a reward function, not a subclass of refiner_rl.scoring.Reward")
+    return obj
 
 
 def accepted_options(cls: type[Reward]) -> list[str] | None:
@@ -178,45 +219,102 @@ def accepted_options(cls: type[Reward]) -> list[str] | None:
     return None
 
 
+WEIGHT_KEY = "weight"
+
+
+def split_weights(specs: Sequence[Any]) -> tuple[list[Any], list[float] | None]:
+    """Take the per-entry ``weight:`` out of reward specs: ``(specs without weight, weights)``.
+
+    ``weights`` is ``None`` when no entry gives one (TRL's ``reward_weights``, or all 1, then apply); otherwise
+    one float per entry, 1.0 for an entry without ``weight`` (items that are not mappings, such as a name, a
+    :class:`Reward` or a function, count as entries without a weight). A weight that is not a number is a
+    :class:`RewardConfigError` naming the entry."""
+    if specs is None or isinstance(specs, (str, Mapping)):
+        raise RewardConfigError("`rewards` must be a list of specs like [{name: masked_pixel, weight: 1.0}]")
+    out, weights, given = [], [], False
+    for i, spec in enumerate(specs):
+        if isinstance(spec, Mapping) and WEIGHT_KEY in spec:
+            value = spec[WEIGHT_KEY]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RewardConfigError(f"rewards[{i}]: `weight` must be a number, got {value!r}")
+            spec = {k: v for k, v in spec.items() if k != WEIGHT_KEY}
+            weights.append(float(value))
+            given = True
+        else:
+            weights.append(1.0)
+        out.append(spec)
+    return out, (weights if given else None)
+
+
 def build_reward(
     spec: Mapping[str, Any] | str, *, device: Any = None, dtype: Any = None, where: str = "reward"
 ) -> Reward:
-    """One reward from a spec ``{name: ..., weight: ..., **options}`` (or a bare name)."""
+    """One reward from a spec ``{name: ..., **options}`` (or a bare name); ``name`` may be a registered reward,
+    or a dotted path to a :class:`Reward` subclass or a reward function. ``weight`` is not an option: take it out
+    with :func:`split_weights` first."""
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping):
-        raise RewardConfigError(f"{where}: expected a mapping like {{name: masked_pixel, weight: 1.0}}, got {spec!r}")
+        raise RewardConfigError(f"{where}: expected a mapping like {{name: masked_pixel}}, got {spec!r}")
     options = dict(spec)
     name = options.pop("name", None)
     if not name:
         raise RewardConfigError(f"{where}: missing `name` (got keys {sorted(options)})")
+    if WEIGHT_KEY in options:
+        raise RewardConfigError(
+            f"{where}: `weight` is the recipe's, not an option of reward {name!r}: the GRPO config moves it to "
+            "`reward_weights` (refiner_rl.scoring.registry.split_weights does it for other callers)"
+        )
     try:
-        cls = get_reward_class(str(name))
+        target = resolve_reward(str(name))
     except RewardConfigError as e:
         raise RewardConfigError(f"{where}: {e}") from None
-    accepted = accepted_options(cls)
+    if inspect.isclass(target):
+        accepted = accepted_options(target)
+    else:
+        params, takes_any = keyword_parameters(target)
+        accepted = None if takes_any else params
     if accepted is not None:
         unknown = [k for k in options if k not in accepted]
         if unknown:
             raise RewardConfigError(
                 f"{where}: reward {name!r} has no option {', '.join(repr(k) for k in unknown)}; "
-                f"accepted options: {', '.join(accepted)}"
+                f"accepted options: {', '.join(accepted) or '(none)'}"
             )
-    if device is not None:
-        options.setdefault("device", device)
-    if dtype is not None:
-        options.setdefault("dtype", dtype)
+    if inspect.isclass(target):
+        if device is not None:
+            options.setdefault("device", device)
+        if dtype is not None:
+            options.setdefault("dtype", dtype)
     try:
-        return cls(**options)
+        return target(**options) if inspect.isclass(target) else FunctionReward(target, **options)
     except (TypeError, ValueError) as e:
         raise RewardConfigError(f"{where}: cannot build reward {name!r}: {e}") from e
 
 
-def build_rewards(specs: Iterable[Mapping[str, Any] | str], *, device: Any = None, dtype: Any = None) -> list[Reward]:
-    """Rewards from the recipe's ``rewards:`` list. ``device``/``dtype`` apply where a spec sets none."""
-    if specs is None or isinstance(specs, (str, Mapping)):
-        raise RewardConfigError("`rewards` must be a list of specs like [{name: masked_pixel, weight: 1.0}]")
-    return [build_reward(s, device=device, dtype=dtype, where=f"rewards[{i}]") for i, s in enumerate(specs)]
+def build_reward_funcs(items: Iterable[Any], *, device: Any = None, dtype: Any = None) -> list[Reward]:
+    """Rewards from TRL-style ``reward_funcs``: each item is a recipe spec (a mapping or a name string, see
+    :func:`build_reward`), a :class:`Reward` instance (kept as is), or a plain callable
+    ``f(prompts, completions, **kwargs) -> list[float | None]``, sync or ``async def`` (wrapped in
+    :class:`~refiner_rl.scoring.functions.FunctionReward`). ``device``/``dtype`` apply to specs that set none.
+    Weights are not part of a reward: a spec with ``weight`` is an error (see :func:`split_weights`)."""
+    if items is None or isinstance(items, (str, Mapping)) or callable(items):
+        raise RewardConfigError("`reward_funcs` must be a list: specs like {name: masked_pixel}, rewards or functions")
+    out: list[Reward] = []
+    for i, item in enumerate(items):
+        if isinstance(item, Reward):
+            out.append(item)
+        elif isinstance(item, (str, Mapping)):
+            out.append(build_reward(item, device=device, dtype=dtype, where=f"rewards[{i}]"))
+        elif inspect.isclass(item) and issubclass(item, Reward):
+            raise RewardConfigError(f"rewards[{i}]: {item.__qualname__} is a class; pass an instance or its name")
+        elif callable(item):
+            out.append(FunctionReward(item))
+        else:
+            raise RewardConfigError(
+                f"rewards[{i}]: {item!r} is not a reward: give a spec {{name: ...}}, a Reward or a function"
+            )
+    return out
 
 
 def reward_labels(rewards: Iterable[Reward]) -> list[str]:

@@ -1,11 +1,14 @@
 """What every refiner-rl trainer adds to ``transformers.Trainer`` for a diffusers policy.
 
-transformers' Trainer assumes a ``PreTrainedModel`` (SPEC §6). For a diffusers transformer we:
+transformers' Trainer assumes a ``PreTrainedModel``. For a diffusers transformer we:
 - enable gradient checkpointing through diffusers' own ``enable_gradient_checkpointing``;
 - save the LoRA in the format ``FluxKontextPipeline.load_lora_weights`` reads (or the full transformer
   with ``save_pretrained``) instead of a bare state dict, and load it back on resume;
-- write checkpoints atomically: into a hidden temporary folder, renamed once complete, so a crash never
-  leaves a half-written ``checkpoint-N`` that a resume would pick up;
+- write checkpoints atomically: into a hidden staging folder, renamed once complete, so a crash never
+  leaves a half-written ``checkpoint-N`` that a resume would pick up; resume from ``true``/``latest``,
+  ``latest_valid`` or a path, checked first (see ``checkpoints.py``);
+- print log lines with numbers, keep W&B under ``output_dir`` (one run id across resumes) and save sample grids
+  (see ``reporting.py``);
 - under DeepSpeed: fill the ``"auto"`` bucket sizes transformers derives from ``model.config.hidden_size`` (a
   diffusers config has none), and under ZeRO-3 gather the partitioned weights when saving, so the output is the
   same LoRA / diffusers folder a one-process run writes.
@@ -16,13 +19,23 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import shutil
 
 import torch
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from refiner_rl.distributed import fill_deepspeed_auto_values, gathered_state_dict, is_zero3
+from refiner_rl.errors import CheckpointError
+from refiner_rl.trainers.checkpoints import (
+    STAGING_PREFIX,
+    TRAINER_STATE,
+    publish_checkpoint,
+    remove_stale_staging,
+    resolve_checkpoint,
+)
+from refiner_rl.trainers.reporting import SampleGrids, setup_wandb_env, start_wandb_run, use_console_log
+
+__all__ = ["FULL_WEIGHTS_DIR", "PolicyTrainerMixin", "save_transformer_state_dict", "setup_wandb_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +46,46 @@ class PolicyTrainerMixin:
     """Mixed into ``Trainer`` subclasses that train ``self.policy.transformer``."""
 
     policy = None  # set by the subclass before Trainer.__init__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        use_console_log(self)
+        self.add_callback(SampleGrids(self))
+
+    # ---------------------------------------------------------------------------------------------- resume
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``Trainer.train`` with ``resume_from_checkpoint`` = ``True``/``"true"``/``"latest"`` (newest
+        ``checkpoint-N`` of ``output_dir``), ``"latest_valid"`` (newest intact one) or a path; the checkpoint is
+        checked before anything loads (:class:`CheckpointError` names the broken file and the newest intact
+        checkpoint). A resume calls ``self._on_resume(path)`` before training continues."""
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            logger.info("resuming from %s", checkpoint)
+            self._on_resume(checkpoint)
+        if self.args.should_save:
+            remove_stale_staging(self.args.output_dir)
+        start_wandb_run(self.args, resuming=checkpoint is not None, main=self.is_world_process_zero())
+        return super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
+    def _on_resume(self, checkpoint: str) -> None:
+        """Called once before training resumes from ``checkpoint`` (a checked folder): restore counters a
+        subclass keeps outside Trainer's state. Nothing by default."""
+
+    # ------------------------------------------------------------------------------------------ samples
+    def sample_grid_rows(self) -> list[list[torch.Tensor]] | None:
+        """Rows of ``[3, H, W]`` images for the sample grid saved every ``sample_steps``. By default the last
+        rollout a trainer kept in ``self._last_samples`` (``batch``, ``images``): draft | reference | sample |
+        target."""
+        s = getattr(self, "_last_samples", None)
+        if not s:
+            return None
+        b, k = s["batch"], min(int(getattr(self.args, "num_log_samples", 4)), s["images"].shape[0])
+        return [
+            [b["draft"][i], b["reference"][i], s["images"][i]] + ([b["target"][i]] if "target" in b else [])
+            for i in range(k)
+        ]
 
     def _setup_gradient_checkpointing(self, args) -> None:
         # Trainer would call `model.activation_checkpointing_enable` / `gradient_checkpointing_enable`, which
@@ -97,8 +150,9 @@ class PolicyTrainerMixin:
         else:
             folder = os.path.join(resume_from_checkpoint, FULL_WEIGHTS_DIR)
             if not os.path.isdir(folder):
-                raise FileNotFoundError(
-                    f"checkpoint {resume_from_checkpoint!r} has no {FULL_WEIGHTS_DIR}/ folder to resume from"
+                raise CheckpointError(
+                    f"checkpoint {resume_from_checkpoint!r} has no {FULL_WEIGHTS_DIR}/ folder (it holds a LoRA?): "
+                    "resume with the same use_lora setting it was written with"
                 )
             self.policy.load_transformer(folder)  # the trained model is the policy's transformer (unwrapped)
         self._load_extra_state(resume_from_checkpoint)
@@ -112,7 +166,7 @@ class PolicyTrainerMixin:
             if glob.glob(os.path.join(checkpoint, "global_step*")):
                 # transformers would silently start a fresh optimizer (measured: the weights then drift by ~1e-3
                 # from the uninterrupted run within one step).
-                raise ValueError(
+                raise CheckpointError(
                     f"{checkpoint!r} was written under DeepSpeed (its optimizer state is in global_step*/): resume it with "
                     "the same DeepSpeed launcher config, or start a new run from its weights (--init_lora_path CHECKPOINT for LoRA, "
                     "--transformer_path CHECKPOINT/transformer for full fine-tuning)"
@@ -128,30 +182,42 @@ class PolicyTrainerMixin:
         resume with any launcher."""
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write ``checkpoint-N`` into ``.tmp-checkpoint-N/`` first, then rename it into place."""
-        run_dir = Trainer._get_output_dir(self, trial=trial)
+        """Trainer's checkpoint (weights, optimizer, scheduler, scaler, RNG, trainer state), written into
+        ``.tmp-checkpoint-N/`` and renamed to ``checkpoint-N`` once complete: a killed run leaves only the staging
+        folder, which a resume never picks up (and the next run deletes)."""
+        run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        tmp_run = os.path.join(run_dir, f".tmp-{name}")
-        self._get_output_dir = lambda trial=None: tmp_run  # the parent writes tmp_run/checkpoint-N
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
+        staging, final = os.path.join(run_dir, STAGING_PREFIX + name), os.path.join(run_dir, name)
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(staging, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)
+        if self.args.should_save:
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                slot = self.state.stateful_callbacks
+                if isinstance(slot.get(cb.__class__.__name__), list):
+                    slot[cb.__class__.__name__].append(cb.state())
+                else:
+                    slot[cb.__class__.__name__] = cb.state()
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(tmp_run, name), final)
-            shutil.rmtree(tmp_run, ignore_errors=True)
-            from transformers.trainer_utils import rotate_checkpoints
-
+            publish_checkpoint(staging, final)
+            if self.state.best_global_step:
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if os.path.exists(best):
+                    self.state.best_model_checkpoint = best
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=False,
             )
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
         self.accelerator.wait_for_everyone()
 
 
@@ -170,13 +236,3 @@ def save_transformer_state_dict(model, folder: str, state_dict: dict) -> None:
         max_shard_size="10GB",
         metadata={"format": "pt"},
     )
-
-
-def setup_wandb_env(report_to) -> None:
-    """Log to W&B offline when no API key is configured, so a run never blocks on a login prompt."""
-    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    if "wandb" in targets or "all" in targets:
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
-        if not has_key and "WANDB_MODE" not in os.environ:
-            os.environ["WANDB_MODE"] = "offline"
-            logger.info("no W&B API key found: logging offline (sync later with `wandb sync`)")

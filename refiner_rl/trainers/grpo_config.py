@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -9,8 +10,69 @@ from trl import GRPOConfig
 
 from refiner_rl.distributed import prepare_cpu_distributed
 from refiner_rl.dynamics import STEP_RULES, WINDOW_MODES
+from refiner_rl.errors import ConfigError
 
+# Every image has the same number of latent dims, so TRL's token-normalised losses reduce to one mean. TRL's other
+# losses (cispo, sapo, luspo, vespo) reshape per-token importance weights of a language model; they are not
+# implemented for flow policies and are refused by name.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = {"group": "group", "batch": "batch", "none": "none", "true": "group", "false": "none"}
+
+# GRPOConfig fields that mean nothing for an image policy (text generation, vLLM, tokenizer padding, LM-only
+# losses and logging). Setting one to anything but its default is a ConfigError naming it.
+LM_ONLY_FIELDS = (
+    "model_init_kwargs",
+    "router_aux_loss_coef",
+    "disable_dropout",
+    "cast_lm_head_to_fp32",
+    "num_generations_eval",
+    "max_completion_length",
+    "ds3_gather_for_generation",
+    "pad_to_multiple_of",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "generation_kwargs",
+    "chat_template_kwargs",
+    "repetition_penalty",
+    "cache_implementation",
+    "use_vllm",
+    "delta",
+    "sapo_temperature_neg",
+    "sapo_temperature_pos",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "importance_sampling_level",
+    "mask_truncated_completions",
+    "sync_ref_model",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+    "top_entropy_quantile",
+    "entropy_coef",
+    "use_adaptive_entropy",
+    "entropy_coef_min",
+    "entropy_coef_max",
+    "entropy_coef_delta",
+    "entropy_target",
+    "max_tool_calling_iterations",
+    "off_policy_mask_threshold",
+    "use_bias_correction_kl",
+    "log_completions",
+    "log_multimodal",
+    "num_completions_to_print",
+    "log_unique_prompts",
+    "log_completions_hub_repo",
+    "use_transformers_continuous_batching",
+    "transformers_continuous_batching_config",
+    "use_transformers_paged",
+    "use_liger_kernel",
+    "use_liger_loss",
+)
+LM_ONLY_PREFIXES = ("vllm_",)
+HINTS = {"log_completions": "use `log_samples` (a W&B table of images)", "temperature": "use `noise_level`"}
 
 
 @dataclass
@@ -34,10 +96,14 @@ class FlowGRPOConfig(GRPOConfig):
             by ~2e-3 and 1e-3 clips 69% of the samples (49% of the tokens with per-token ratios, 8% at 1e-2).
             1e-3 is kept: at LoRA learning rates it never binds, and where it binds the step is large enough
             that a trust region is what is wanted; raise it (1e-2) for full fine-tuning with rollout reuse.
-        scale_rewards (group | batch | none), multi_objective_aggregation (sum_then_normalize |
-            normalize_then_sum), reward_weights: as in TRL. adv_clip_max clips advantages.
-        loss_type: accepted for compatibility; every image has the same number of latent dims, so grpo,
-            bnpo, dr_grpo and dapo reduce to the same mean.
+        scale_rewards (group | batch | none; TRL's True / False mean group / none), multi_objective_aggregation
+            (sum_then_normalize | normalize_then_sum), reward_weights: as in TRL. adv_clip_max clips advantages.
+        loss_type: grpo, bnpo, dr_grpo and dapo are accepted and equal: every image has the same number of
+            latent dims, so their normalisations reduce to the same mean. TRL's cispo, sapo, luspo and vespo
+            reweight per-token ratios of a language model and are refused (ConfigError).
+    Not for images: TRL's text-generation, vLLM, padding, LM-only loss and completion-logging fields (listed in
+        ``LM_ONLY_FIELDS``, plus every ``vllm_*``) must keep their defaults; any other value is a ConfigError
+        naming the field.
     Sampling:
         num_inference_steps, sde_type (flow_sde | cps | dance | ode), noise_level, sde_window_* (which steps
             are stochastic and trained; the rest are ODE under no_grad), true_cfg_scale, start_sigma (start from
@@ -53,7 +119,12 @@ class FlowGRPOConfig(GRPOConfig):
             does with a higher-order solver. The stored window states and log-probs are unchanged; only the reward
             sees a coarser finish. Held-out evaluation always uses the full schedule.
     Rewards:
-        rewards: the recipe's list ``[{name: masked_pixel, weight: 1.0, ...}, ...]`` (see rewards/README.md).
+        rewards: the recipe's list ``[{name: masked_pixel, weight: 1.0, ...}, ...]`` (see rewards/README.md);
+            entries may also name a plain function by dotted path. Each entry's ``weight`` moves into TRL's
+            ``reward_weights`` (default 1.0); giving both ``weight:`` entries and ``reward_weights`` is an error.
+            In Python the rewards may instead be given to the trainer as ``reward_funcs``.
+        max_failed_reward_steps: after this many consecutive rollouts in which some reward scored no sample, the
+            run writes a checkpoint and stops with a RewardError naming the reward and its last error.
     Spatial credit:
         spatial_advantage_mix: 0 = one advantage per image; 1 = each token takes the group-normalised reward
             of the patch covering it (from rewards that give per-patch maps; a token whose patch has no score
@@ -71,7 +142,14 @@ class FlowGRPOConfig(GRPOConfig):
     """
 
     rewards: list | str | None = field(
-        default=None, metadata={"help": "Reward recipe: list of {name, weight, **options}."}
+        default=None,
+        metadata={"help": "Reward recipe: list of {name, weight, **options} (or give `reward_funcs` to the trainer)."},
+    )
+    max_failed_reward_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Stop (after writing a checkpoint) when some reward scored no sample in this many consecutive rollouts."
+        },
     )
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of a rollout."})
     sde_type: str = field(
@@ -122,6 +200,9 @@ class FlowGRPOConfig(GRPOConfig):
         metadata={"help": "Log a W&B table draft | reference | sample | target | rewards each logging step."},
     )
     num_log_samples: int = field(default=4, metadata={"help": "Rows of that table."})
+    sample_steps: int = field(
+        default=100, metadata={"help": "Save the last rollout's grid to output_dir/samples/ (and W&B) every N steps."}
+    )
 
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
     activation_checkpointing: bool | None = field(
@@ -147,26 +228,28 @@ class FlowGRPOConfig(GRPOConfig):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
 
     def __post_init__(self):
+        self._check_lm_only_fields()
         if isinstance(self.rewards, str):
             self.rewards = json.loads(self.rewards)
-        if not self.rewards:
-            raise ValueError(
-                "`rewards` is empty: give a list such as [{name: masked_pixel, weight: 1.0}] (see `refiner-rl rewards list`)"
+        if self.rewards is not None:
+            self.rewards, self.reward_weights = _split_reward_weights(self.rewards, self.reward_weights)
+        scale = self.scale_rewards
+        key = str(scale).lower() if isinstance(scale, (bool, str)) else None
+        if key not in SCALE_REWARDS:
+            raise ConfigError(
+                f"`scale_rewards` must be group, batch or none (or true = group, false = none), got {scale!r}"
             )
-        if self.reward_weights is not None:
-            if len(self.reward_weights) != len(self.rewards):
-                raise ValueError(
-                    f"`reward_weights` has {len(self.reward_weights)} entries but `rewards` has {len(self.rewards)}"
-                )
-            self.rewards = [dict(r, weight=w) for r, w in zip(self.rewards, self.reward_weights)]
+        self.scale_rewards = SCALE_REWARDS[key]
+        if self.max_failed_reward_steps < 1:
+            raise ConfigError(f"`max_failed_reward_steps` must be >= 1, got {self.max_failed_reward_steps}")
         if self.sde_type not in STEP_RULES:
-            raise ValueError(f"`sde_type` must be one of {STEP_RULES}, got {self.sde_type!r}")
+            raise ConfigError(f"`sde_type` must be one of {STEP_RULES}, got {self.sde_type!r}")
         if self.sde_window_mode not in WINDOW_MODES:
-            raise ValueError(f"`sde_window_mode` must be one of {WINDOW_MODES}, got {self.sde_window_mode!r}")
+            raise ConfigError(f"`sde_window_mode` must be one of {WINDOW_MODES}, got {self.sde_window_mode!r}")
         if self.sde_type == "ode":
-            raise ValueError("`sde_type: ode` has no log-prob to train; pick flow_sde, cps or dance")
+            raise ConfigError("`sde_type: ode` has no log-prob to train; pick flow_sde, cps or dance")
         if not 1 <= self.sde_window_size <= self.num_inference_steps - 1:
-            raise ValueError(
+            raise ConfigError(
                 f"`sde_window_size` ({self.sde_window_size}) must be in [1, num_inference_steps - 1 = {self.num_inference_steps - 1}]: "
                 "the last, nearly clean step is never trained"
             )
@@ -174,24 +257,27 @@ class FlowGRPOConfig(GRPOConfig):
             self.sde_window_mode == "fixed"
             and self.sde_window_start + self.sde_window_size > self.num_inference_steps - 1
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"`sde_window_start` + `sde_window_size` ({self.sde_window_start} + {self.sde_window_size}) must be <= "
                 f"num_inference_steps - 1 = {self.num_inference_steps - 1}: lower the start or the size"
             )
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+            raise ConfigError(
+                f"`loss_type: {self.loss_type}` is not implemented for flow policies; use one of {', '.join(LOSS_TYPES)} "
+                "(they are the same loss for images)"
+            )
         if not 0.0 <= self.spatial_advantage_mix <= 1.0:
-            raise ValueError("`spatial_advantage_mix` must be in [0, 1]")
+            raise ConfigError("`spatial_advantage_mix` must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError("`ema_decay` must be in [0, 1)")
+            raise ConfigError("`ema_decay` must be in [0, 1)")
         if self.rollout_tail_steps is not None and self.rollout_tail_steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"`rollout_tail_steps` must be >= 1 (or null for the full schedule), got {self.rollout_tail_steps}"
             )
         if not 0.0 < self.start_sigma <= 1.0:
-            raise ValueError("`start_sigma` must be in (0, 1]")
+            raise ConfigError("`start_sigma` must be in (0, 1]")
         if self.remove_unused_columns:
-            raise ValueError("`remove_unused_columns` must be False: the batches carry images")
+            raise ConfigError("`remove_unused_columns` must be False: the batches carry images")
         if self.bf16 is None:
             # TRL turns bf16 on whenever it is unset, CPU included: there autocast makes rollouts slow and the
             # log-probs imprecise. Default to it on CUDA only.
@@ -206,7 +292,7 @@ class FlowGRPOConfig(GRPOConfig):
         if self.save_strategy == "steps" and self.save_steps and self.save_steps >= 1:
             gen_every = self.steps_per_generation * self.num_iterations // self.gradient_accumulation_steps
             if gen_every > 1 and int(self.save_steps) % gen_every:
-                raise ValueError(
+                raise ConfigError(
                     f"`save_steps` ({int(self.save_steps)}) must be a multiple of the optimizer steps per rollout "
                     f"({gen_every} = steps_per_generation * num_iterations / gradient_accumulation_steps), so a resume starts at a rollout"
                 )
@@ -215,3 +301,37 @@ class FlowGRPOConfig(GRPOConfig):
     def generate_every(self) -> int:
         """Micro-steps fed by one rollout."""
         return self.steps_per_generation * self.num_iterations
+
+    def _check_lm_only_fields(self) -> None:
+        """ConfigError naming every GRPOConfig field that means nothing for images and is not at its default."""
+        bad = []
+        for f in dataclasses.fields(GRPOConfig):
+            if f.name not in LM_ONLY_FIELDS and not f.name.startswith(LM_ONLY_PREFIXES):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if getattr(self, f.name) != default:
+                hint = f" ({HINTS[f.name]})" if f.name in HINTS else ""
+                bad.append(f"`{f.name}: {getattr(self, f.name)!r}`{hint}")
+        if bad:
+            raise ConfigError(
+                f"{', '.join(bad)}: no meaning for an image policy (a TRL option for language models); remove it"
+            )
+
+
+def _split_reward_weights(specs, reward_weights):
+    """``(specs without weight, weights)`` from the recipe's ``rewards`` and TRL's ``reward_weights``: per-entry
+    ``weight:`` values move into the weights (entries without one weigh 1.0); ``reward_weights`` alone is used as
+    given; both at once is a ConfigError."""
+    from refiner_rl.scoring.registry import split_weights
+
+    if isinstance(specs, (str, dict)) or not isinstance(specs, (list, tuple)):
+        raise ConfigError("`rewards` must be a list of specs like [{name: masked_pixel, weight: 1.0}]")
+    specs, weights = split_weights(list(specs))
+    if weights is not None and reward_weights is not None:
+        raise ConfigError(
+            "give reward weights either as `weight:` in each `rewards` entry or as `reward_weights`, not both"
+        )
+    weights = weights if weights is not None else reward_weights
+    if weights is not None and len(weights) != len(specs):
+        raise ConfigError(f"`reward_weights` has {len(weights)} entries but `rewards` has {len(specs)}")
+    return specs, [float(w) for w in weights] if weights is not None else None

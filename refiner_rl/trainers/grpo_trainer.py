@@ -12,7 +12,7 @@ Read top to bottom, one rollout is:
    the reference, backward.
 
 It builds on ``transformers.Trainer`` (like TRL's lean experimental trainers) and keeps TRL's config names
-and metric names; TRL's ``GRPOTrainer`` itself assumes a causal LM (SPEC §6).
+and metric names; TRL's ``GRPOTrainer`` itself assumes a causal LM (docs/algorithms.md#pitfalls-we-guard-against).
 """
 
 from __future__ import annotations
@@ -24,28 +24,25 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import replace
 
 import torch
 from torch.nn import functional as F
 from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
+from refiner_rl.configs import resolve_policy
 from refiner_rl.data import TripletDataset, collate_triplets
 from refiner_rl.distributed import keyed_generator
 from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
-from refiner_rl.policies.kontext import Conditions, KontextPolicy, TextEmbeds
-from refiner_rl.rollout import (
-    Trajectory,
-    coarse_tail,
-    initial_latents,
-    paste_back,
-    rollout,
-    sampling_sigmas,
-)
+from refiner_rl.errors import CheckpointError, ConfigError, RewardError
+from refiner_rl.evaluation import evaluate, reward_columns
+from refiner_rl.policies.kontext import Conditions, KontextPolicy
+from refiner_rl.rollout import Trajectory
+from refiner_rl.sampling import batch_conditions, sample_trajectories
 from refiner_rl.scoring.aggregate import compute_advantages, spatial_advantages
-from refiner_rl.scoring.base import Reward, score_safely
-from refiner_rl.scoring.registry import check_required_fields, reward_labels
+from refiner_rl.scoring.batch import score_batch
+from refiner_rl.scoring.registry import build_reward_funcs, check_required_fields, reward_labels
+from refiner_rl.trainers.backward import backward_per_term, per_term_backward_supported
 from refiner_rl.trainers.base import (
     FULL_WEIGHTS_DIR,
     PolicyTrainerMixin,
@@ -59,25 +56,54 @@ from refiner_rl.trainers.losses import clipped_surrogate
 logger = logging.getLogger(__name__)
 EMA_FILE = "ema_state.pt"  # EMA shadow weights, for resume
 EMA_DIR = "ema"  # the EMA weights in the same format as the live ones (LoRA or transformer/)
+EVAL_SEED = 1234  # held-out noise: the same draws at every evaluation, so checkpoints compare like with like
 
 
 class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     """Group-relative policy optimisation of a :class:`KontextPolicy` with pluggable rewards."""
 
+    #: Back-propagate each trained step as soon as its loss is formed (one step's activations alive at a time).
+    #: False: one backward over :meth:`compute_loss` (all K steps' activations at once; the same gradient).
+    backward_per_step: bool = True
+
     def __init__(
         self,
-        policy: KontextPolicy,
-        args: FlowGRPOConfig,
-        rewards: list[Reward],
-        train_dataset: TripletDataset,
+        model: KontextPolicy | str,
+        reward_funcs=None,
+        args: FlowGRPOConfig | None = None,
+        train_dataset: TripletDataset | None = None,
         eval_dataset: TripletDataset | None = None,
+        peft_config=None,
         callbacks=None,
     ):
+        """TRL's signature. ``model``: a :class:`KontextPolicy`, ``"tiny"``, a diffusers repo id or a local folder
+        laid out like FLUX.1-Kontext-dev. ``reward_funcs``: one item or a list of reward names, recipe specs,
+        dotted paths, :class:`Reward` objects or plain functions ``f(prompts, completions, **kwargs)`` (sync or
+        async); when given it replaces ``args.rewards`` (``None`` takes them). Weights come from
+        ``args.reward_weights`` (default 1 each). ``peft_config``: a peft ``LoraConfig`` attached to the
+        policy's transformer."""
+        if args is None:
+            name = model if isinstance(model, str) else "refiner"
+            args = FlowGRPOConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-GRPO")
+        policy = resolve_policy(model, args, peft_config)
+        if reward_funcs is None:
+            if not args.rewards:
+                raise ConfigError(
+                    "no rewards: give `reward_funcs` to the trainer or a `rewards:` list in the config "
+                    "(see `refiner-rl rewards list`)"
+                )
+            reward_funcs = args.rewards
+        rewards = build_reward_funcs(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(rewards)
+        if len(weights) != len(rewards):
+            raise ConfigError(f"`reward_weights` has {len(weights)} entries for {len(rewards)} rewards")
+        self.reward_weights = torch.tensor([float(w) for w in weights])
         self.policy = policy
         self.rewards = rewards
         self.reward_names = reward_labels(rewards)
-        columns = {"prompt", "draft", "reference", "mask"} | ({"target"} if _has_target(train_dataset) else set())
-        check_required_fields(rewards, columns)
+        if train_dataset is not None:
+            columns = {"prompt", "draft", "reference", "mask"} | ({"target"} if _has_target(train_dataset) else set())
+            check_required_fields(rewards, columns)
         setup_wandb_env(args.report_to)
         self._setup_gradient_checkpointing(args)
         super().__init__(
@@ -110,6 +136,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         self._buffered_inputs: list[dict] | None = None
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_samples: dict | None = None
+        self._failed_rollouts = 0  # consecutive rollouts in which some reward scored no sample
         # Wall-clock seconds per phase (rollout, reward, advantages per rollout; train per micro-step), for benches.
         self.timings: dict[str, list[float]] = defaultdict(list)
 
@@ -130,7 +157,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.generation_batch_size // self.args.num_generations,
             repeat_count=self.args.num_iterations * self.args.steps_per_generation,
-            shuffle=True,
+            shuffle=self.args.shuffle_dataset,
             seed=self.args.seed,
         )
 
@@ -141,85 +168,34 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     # --------------------------------------------------------------------------------------------- rollout
     def _conditions(self, batch: dict) -> tuple[Conditions, torch.Tensor]:
-        """Encode each distinct record of the batch once; return per-sample conditions."""
-        _, first, inverse = _groups(batch["index"])
-        dev, p = self.policy.device, self.policy
-        text = None
-        if "prompt_embeds" in batch:
-            text = TextEmbeds(
-                batch["prompt_embeds"][first].to(dev, p.dtype), batch["pooled_prompt_embeds"][first].to(dev, p.dtype)
-            )
-        prompts = [batch["prompt"][i] for i in first.tolist()]
-        negative = [self.args.negative_prompt] * len(prompts) if self.args.true_cfg_scale > 1 else None
-        cond = p.encode_conditions(
-            batch["draft"][first].to(dev),
-            batch["reference"][first].to(dev),
-            prompts=prompts,
-            text=text,
-            negative_prompts=negative,
-        )
-        return cond.select(inverse.to(dev)), inverse
+        """Per-sample conditions, each distinct record encoded once (negative embeddings with true CFG)."""
+        negative = self.args.negative_prompt if self.args.true_cfg_scale > 1 else None
+        return batch_conditions(self.policy, batch, negative)
 
-    @torch.no_grad()
     def _sample(
-        self,
-        batch: dict,
-        cond: Conditions,
-        generator: torch.Generator | list[torch.Generator],
-        sde_steps=(),
-        transformer=None,
-        init_generator=None,
+        self, batch: dict, cond: Conditions, generator, sde_steps=(), transformer=None, init_generator=None
     ) -> tuple[list[Trajectory], torch.Tensor, torch.Tensor]:
-        """Trajectories (in micro-batches of ``rollout_batch_size``), sigmas and decoded images of ``batch``.
-        Shared by the rollout (SDE window) and held-out evaluation (``sde_steps=()``: ODE only). The initial noise
-        comes from ``init_generator`` when given (else ``generator``), the SDE steps' noise from ``generator``."""
-        args, policy = self.args, self.policy
-        sigmas = sampling_sigmas(args.num_inference_steps, cond.num_target_tokens, args.start_sigma)
-        draft_latents = policy.encode_images(batch["draft"].to(policy.device)) if args.start_sigma < 1 else None
-        init = generator if init_generator is None else init_generator
-        x = initial_latents(policy, cond, init, float(sigmas[0]), draft_latents)
-        # With one initial noise per group, the ODE steps before the window are the same for the whole group:
-        # integrate them once per record, then branch (the SDE window is where the group's samples diverge).
-        w = min(sde_steps) if len(sde_steps) and init_generator is not None and args.shared_initial_noise else 0
-        if w > 0:
-            _, first, inverse = _groups(batch["index"])
-            first = first.to(x.device)
-            prefix = rollout(
-                policy,
-                cond.select(first),
-                sigmas[: w + 1],
-                x=x[first],
-                true_cfg_scale=args.true_cfg_scale,
-                transformer=transformer,
-            )
-            x = prefix.latents[inverse.to(x.device)]
-        # Nothing after the window is trained: a training rollout may finish on a coarser schedule (evaluation,
-        # with no SDE steps, keeps the full one). Steps up to the window's end keep their indices.
-        run_sigmas = coarse_tail(sigmas, max(sde_steps) + 1, args.rollout_tail_steps) if len(sde_steps) else sigmas
-        trajs, mb = [], args.rollout_batch_size
-        for i in range(0, x.shape[0], mb):
-            sl = slice(i, i + mb)
-            gen = (
-                generator[sl] if isinstance(generator, list) else generator
-            )  # per-sample generators follow their sample
-            t = rollout(
-                policy,
-                cond.select(sl),
-                run_sigmas[w:],
-                x=x[sl],
-                sde_steps=[k - w for k in sde_steps],
-                rule=args.sde_type,
-                noise_level=args.noise_level,
-                generator=gen,
-                true_cfg_scale=args.true_cfg_scale,
-                transformer=transformer,
-                sigma_max=sigmas[1] if len(sigmas) > 1 else None,
-            )
-            trajs.append(replace(t, sde_steps=[k + w for k in t.sde_steps], sigmas=sigmas))
-        images = policy.decode(torch.cat([t.latents for t in trajs]), cond.grid)
-        if args.paste_back:
-            images = paste_back(images, batch["draft"], batch["mask"])
-        return trajs, sigmas, images
+        """The rollout's trajectories, sigmas and images: :func:`refiner_rl.sampling.sample_trajectories` with this
+        config's sampler."""
+        a = self.args
+        return sample_trajectories(
+            self.policy,
+            batch,
+            cond,
+            num_steps=a.num_inference_steps,
+            generator=generator,
+            init_generator=init_generator,
+            sde_steps=sde_steps,
+            rule=a.sde_type,
+            noise_level=a.noise_level,
+            start_sigma=a.start_sigma,
+            shared_initial_noise=a.shared_initial_noise,
+            tail_steps=a.rollout_tail_steps,
+            true_cfg_scale=a.true_cfg_scale,
+            paste=a.paste_back,
+            micro_batch=a.rollout_batch_size,
+            transformer=transformer,
+        )
 
     @torch.no_grad()
     def _generate_and_score(self, batch: dict) -> dict:
@@ -248,14 +224,22 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         finally:
             model.train(was_training)
         t1 = _now(dev)
-        scores, maps = self._score(batch, images)
+        scored = score_batch(
+            self.rewards,
+            batch["prompt"],
+            list(images.cpu()),
+            {**reward_columns(batch), "trainer_state": self.state},  # TRL passes the state to reward functions
+            with_maps=args.spatial_advantage_mix > 0,
+        )
+        scores, maps = scored.scores, scored.maps
         t2 = _now(dev)
         # Gather across processes before advantages: group statistics must see whole groups.
         all_scores = acc.gather(scores.to(dev))
         group_ids = acc.gather(batch["index"].to(dev))
+        self._check_reward_failures(all_scores.cpu(), scored.errors)
         res = compute_advantages(
             all_scores,
-            [r.weight for r in self.rewards],
+            self.reward_weights,
             group_ids,
             scale_rewards=args.scale_rewards,
             aggregation=args.multi_objective_aggregation,
@@ -289,33 +273,22 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             "sde_steps": trajs[0].sde_steps,
         }
 
-    def _score(self, batch: dict, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Scores ``[n, R]`` (NaN = not scored) and, per reward, maps ``[n, h, w]`` or None."""
-        cols = {k: list(batch[k].cpu()) for k in ("draft", "reference", "target", "mask") if k in batch}
-        comps = list(images.cpu())
-        out = torch.full((len(comps), len(self.rewards)), float("nan"))
-        maps: list[torch.Tensor | None] = []
-        for j, (r, name) in enumerate(zip(self.rewards, self.reward_names)):
-            res = score_safely(r, list(batch["prompt"]), comps, **cols)
-            out[:, j] = torch.tensor([float("nan") if s is None else s for s in res.scores])
-            if res.n_failed:
-                logger.warning(
-                    "reward %s could not score %d of %d samples%s",
-                    name,
-                    res.n_failed,
-                    len(comps),
-                    f": {res.error}" if res.error else "",
-                )
-            m = res.maps
-            if (
-                self.args.spatial_advantage_mix > 0
-                and getattr(r, "provides_maps", False)
-                and all(x is not None for x in m)
-            ):
-                maps.append(torch.stack([x.float() for x in m]))
-            else:
-                maps.append(None)
-        return out, maps
+    def _check_reward_failures(self, scores: torch.Tensor, errors: dict[str, str]) -> None:
+        """Count consecutive rollouts in which some reward scored no sample of the (gathered) batch; at
+        ``max_failed_reward_steps`` write a checkpoint (Trainer's own) and stop with a RewardError naming the
+        rewards and their last errors. Every process sees the same gathered scores, so all stop together."""
+        dead = [n for j, n in enumerate(self.reward_names) if bool(torch.isnan(scores[:, j]).all())]
+        self._failed_rollouts = self._failed_rollouts + 1 if dead else 0
+        if not dead or self._failed_rollouts < self.args.max_failed_reward_steps:
+            return
+        self._save_checkpoint(self.model, trial=None)
+        why = "; ".join(f"{n}: {errors.get(n, 'failed on the other processes')}" for n in dead)
+        ckpt = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        raise RewardError(
+            f"reward {', '.join(dead)} scored no sample in {self._failed_rollouts} consecutive rollouts "
+            f"(max_failed_reward_steps={self.args.max_failed_reward_steps}); last error: {why}. "
+            f"Fix the reward, then resume from {ckpt}"
+        )
 
     def _token_advantages(self, maps, group_ids, adv: torch.Tensor, cond: Conditions) -> torch.Tensor | None:
         """Per-token advantages ``[n, N]``: ``(1 - mix) A + mix A_patch``.
@@ -324,7 +297,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         group-normalised map (:func:`spatial_advantages`), resized to the token grid (nearest; row-major like
         the packed tokens). Where no reward scored a patch, ``A_patch = A``."""
         mix = self.args.spatial_advantage_mix
-        used = [(m, r.weight) for m, r in zip(maps, self.rewards) if m is not None]
+        used = [(m, float(w)) for m, w in zip(maps, self.reward_weights) if m is not None]
         if mix <= 0 or not used:
             return None
         acc, dev = self.accelerator, adv.device
@@ -354,7 +327,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         dev = self.policy.device
         t0, before = _now(dev), sum(sum(self.timings[k]) for k in ("rollout", "reward", "advantages"))
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = self._forward_backward(model, inputs, num_items_in_batch)
         spent = sum(sum(self.timings[k]) for k in ("rollout", "reward", "advantages")) - before
         self.timings["train"].append(_now(dev) - t0 - spent)
         self._step += 1
@@ -397,36 +370,64 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``mean_j [ mean_i max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) + beta KL_j ]`` over the K trained
-        steps, with ``r = exp(log p_theta - log p_old)`` per sample (per token with spatial advantages)."""
+        steps, with ``r = exp(log p_theta - log p_old)`` per sample (per token with spatial advantages).
+
+        The whole loss with the graphs of all K steps: training calls :meth:`step_loss` per step instead and
+        back-propagates each as soon as it is formed (:attr:`backward_per_step`)."""
+        stats = defaultdict(list)
+        k = len(inputs["sde_steps"])
+        total = 0.0
+        for j in range(k):
+            total = total + self.step_loss(model, inputs, j, stats) / k
+        self._log_step_stats(stats)
+        return total
+
+    def step_loss(self, model, inputs: dict, j: int, stats: dict[str, list[float]] | None = None) -> torch.Tensor:
+        """``L_j = mean_i max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) + beta KL_j`` at the ``j``-th trained step
+        (with its graph); appends the step's ratio, clip fractions and KL to ``stats``."""
         args = self.args
         adv, tok_adv = inputs["advantages"], inputs["token_advantages"]
         eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        steps = inputs["sde_steps"]
-        total = 0.0
-        stats = defaultdict(list)
-        for j in range(len(steps)):
-            mean, std = self.step_distribution(model, inputs, j)
-            lp, lp_tok = log_prob(inputs["next_states"][:, j], mean, std)
-            if tok_adv is None:
-                per, clip = clipped_surrogate(lp, inputs["old_log_probs"][:, j], adv, args.epsilon, eps_high)
-            else:
-                # Per-token ratios against the rollout's per-token log-probs, weighted by per-token advantages.
-                per, clip = clipped_surrogate(
-                    lp_tok, inputs["old_log_prob_tokens"][:, j], tok_adv, args.epsilon, eps_high
-                )
-            step_loss = per.mean()
-            if args.beta > 0:
-                kl, _ = kl_same_std(mean, self._reference_mean(model, inputs, j), std)
-                step_loss = step_loss + args.beta * kl.mean()
-                stats["kl"].append(kl.mean().item())
-            total = total + step_loss / len(steps)
-            stats["ratio"].append(clip["ratio"].mean().item())
-            stats["clip_ratio/low_mean"].append(clip["low"].mean().item())
-            stats["clip_ratio/high_mean"].append(clip["high"].mean().item())
-            stats["clip_ratio/region_mean"].append(clip["region"].mean().item())
+        stats = stats if stats is not None else defaultdict(list)
+        mean, std = self.step_distribution(model, inputs, j)
+        lp, lp_tok = log_prob(inputs["next_states"][:, j], mean, std)
+        if tok_adv is None:
+            per, clip = clipped_surrogate(lp, inputs["old_log_probs"][:, j], adv, args.epsilon, eps_high)
+        else:
+            # Per-token ratios against the rollout's per-token log-probs, weighted by per-token advantages.
+            per, clip = clipped_surrogate(lp_tok, inputs["old_log_prob_tokens"][:, j], tok_adv, args.epsilon, eps_high)
+        loss = per.mean()
+        if args.beta > 0:
+            kl, _ = kl_same_std(mean, self._reference_mean(model, inputs, j), std)
+            loss = loss + args.beta * kl.mean()
+            stats["kl"].append(kl.mean().item())
+        stats["ratio"].append(clip["ratio"].mean().item())
+        stats["clip_ratio/low_mean"].append(clip["low"].mean().item())
+        stats["clip_ratio/high_mean"].append(clip["high"].mean().item())
+        stats["clip_ratio/region_mean"].append(clip["region"].mean().item())
+        return loss
+
+    def _log_step_stats(self, stats: dict[str, list[float]]) -> None:
         for k, vals in stats.items():
             self._metrics["train"][k].append(sum(vals) / len(vals))
-        return total
+
+    def _forward_backward(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Trainer's micro-step (forward, scaled backward; returns the detached loss), with one backward per
+        trained step when :attr:`backward_per_step` (only one step's activations alive at a time; the same
+        gradient, loss and statistics as one backward over :meth:`compute_loss`)."""
+        if not (self.backward_per_step and per_term_backward_supported(self)):
+            return super().training_step(model, inputs, num_items_in_batch)
+        stats = defaultdict(list)
+        loss = backward_per_term(
+            self,
+            model,
+            inputs,
+            num_items_in_batch,
+            num_terms=lambda x: len(x["sde_steps"]),
+            term_loss=lambda m, x, j: self.step_loss(m, x, j, stats),
+        )
+        self._log_step_stats(stats)
+        return loss
 
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -481,46 +482,45 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         wandb.log({"samples": table}, commit=False)
 
     # ------------------------------------------------------------------------------------------ held-out
+    def evaluation_settings(self) -> dict:
+        """Keyword arguments of :func:`refiner_rl.evaluation.evaluate` for this trainer: its sampler without the
+        SDE window (full schedule), its rewards and weights, and fixed noise (``EVAL_SEED``)."""
+        a = self.args
+        return dict(
+            num_steps=a.num_inference_steps,
+            batch_size=a.per_device_eval_batch_size,
+            seed=EVAL_SEED,
+            start_sigma=a.start_sigma,
+            paste=a.paste_back,
+            true_cfg_scale=a.true_cfg_scale,
+            negative_prompt=a.negative_prompt,
+            rewards=self.rewards,
+            reward_weights=self.reward_weights.tolist(),
+            reward_names=self.reward_names,
+            reward_extras={"trainer_state": self.state},
+        )
+
     @torch.no_grad()
-    def evaluate_rewards(
-        self, dataset: TripletDataset | None = None, *, batch_size: int = 16, seed: int = 1234, use_ema: bool = True
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", use_ema: bool = True
     ) -> dict[str, float]:
-        """Mean rewards of ODE samples (the rollout's sampler without its SDE window) on held-out triplets.
-
-        Uses the EMA weights when EMA is on (``use_ema``). Deterministic given ``seed``: the same noise for
-        every call, so two checkpoints are compared on the same draws. ``reward`` is the weighted total."""
-        from torch.utils.data import DataLoader
-
-        dataset = dataset if dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate_rewards needs a held-out dataset: pass one or give the trainer `eval_dataset`")
-        model = self.accelerator.unwrap_model(self.model)
-        ctx = self.ema.applied(model) if (self.ema is not None and use_ema) else contextlib.nullcontext()
-        totals, per = [], defaultdict(list)
-        was_training = model.training
-        w = torch.tensor([r.weight for r in self.rewards])
-        with ctx:
-            model.eval()
-            try:
-                for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_triplets)):
-                    cond, _ = self._conditions(batch)
-                    _, _, images = self._sample(batch, cond, torch.Generator().manual_seed(seed + i), transformer=model)
-                    scores, _ = self._score(batch, images)
-                    totals.append(torch.nansum(scores * w, dim=1))
-                    for j, name in enumerate(self.reward_names):
-                        per[name].append(scores[:, j])
-            finally:
-                model.train(was_training)
-        out = {"reward": torch.cat(totals).mean().item()}
-        out.update({f"rewards/{n}/mean": torch.nanmean(torch.cat(v)).item() for n, v in per.items()})
-        return out
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out metrics (:func:`refiner_rl.evaluation.evaluate` with :meth:`evaluation_settings`), with the EMA
+        weights when EMA is on (``use_ema``). Deterministic: the same noise at every call. Keys are prefixed
+        ``{metric_key_prefix}_`` and logged."""
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             return {}
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.evaluate_rewards(ds).items()}
-        Trainer.log(self, metrics)
+        model = self.accelerator.unwrap_model(self.model)
+        ctx = self.ema.applied(model) if (self.ema is not None and use_ema) else contextlib.nullcontext()
+        was_training = model.training
+        with ctx:
+            model.eval()
+            try:
+                res = evaluate(self.policy, ds, **self.evaluation_settings(), transformer=model)
+            finally:
+                model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in res.items()}
+        Trainer.log(self, dict(metrics))  # a copy: Trainer.log adds `epoch` to the dict it logs
         return metrics
 
     # ------------------------------------------------------------------------------------- checkpointing
@@ -551,28 +551,18 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         path = os.path.join(resume_from_checkpoint, EMA_FILE)
         if self.ema is not None:
             if not os.path.isfile(path):
-                raise FileNotFoundError(
+                raise CheckpointError(
                     f"EMA is on but {path} is missing: resume with the same ema_decay the checkpoint was written with"
                 )
             self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        if resume_from_checkpoint:
-            with open(os.path.join(resume_from_checkpoint, "trainer_state.json")) as f:
-                step = json.load(f)["global_step"]
-            # The rollout counter follows the optimizer step, so window and noise continue where they stopped.
-            self._step = step * self.args.gradient_accumulation_steps
-            self._buffered_inputs = None
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+    def _on_resume(self, checkpoint: str) -> None:
+        """The rollout counter follows the optimizer step, so window and noise continue where they stopped."""
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            step = json.load(f)["global_step"]
+        self._step = step * self.args.gradient_accumulation_steps
+        self._buffered_inputs = None
+        self._failed_rollouts = 0
 
 
 class EpochRepeatSampler(RepeatSampler):
@@ -609,13 +599,6 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def _groups(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(unique record indices, first sample of each, group of each sample)`` of a batch's ``index`` column."""
-    uniq, inverse = torch.unique(index, return_inverse=True)
-    first = torch.stack([(index == u).nonzero()[0, 0] for u in uniq])
-    return uniq, first, inverse
-
-
 def _slice_rollout(full: dict, sl: slice) -> dict:
     out = {k: full[k] for k in ("sigmas", "sde_steps")}
     out["cond"] = full["cond"].select(sl)
@@ -626,5 +609,5 @@ def _slice_rollout(full: dict, sl: slice) -> dict:
 
 
 def _has_target(ds) -> bool:
-    recs = getattr(ds, "records", None)
-    return bool(recs) and recs[0].get("target") not in (None, "")
+    has_field = getattr(ds, "has_field", None)  # a TripletDataset; another dataset: targets not known to exist
+    return bool(has_field is not None and has_field("target"))

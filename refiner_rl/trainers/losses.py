@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from refiner_rl.dynamics import kl_same_std
+
 
 def mask_token_weights(mask_tokens: torch.Tensor, mask_weight: float) -> torch.Tensor:
     """Per-token weight ``w = 1 + lambda * M`` (OmniRefiner's weighted mask loss; lambda = ``mask_weight``)."""
@@ -52,3 +54,83 @@ def clipped_surrogate(
     low = ((ratio < 1.0 - epsilon_low) & (advantages < 0)).float()
     high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).float()
     return loss, {"ratio": ratio.detach(), "low": low, "high": high, "region": torch.maximum(low, high)}
+
+
+def _mean_over_sample(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dim but the first: ``[B, ...] -> [B]``."""
+    return x.float().flatten(1).mean(dim=1)
+
+
+def nft_loss(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    advantages: torch.Tensor,
+    beta: float,
+    adv_clip_max: float,
+) -> torch.Tensor:
+    """DiffusionNFT's negative-aware fine-tuning loss per sample ``[B]`` (arXiv 2509.16117).
+
+    On a clean rollout sample ``x0`` re-noised to ``x_t = (1 - t) x0 + t eps``, with the rollout policy's velocity
+    ``v_old`` (no gradient) and the current one ``v_theta``, the implicit positive and negative policies are
+    ``v+ = (1 - beta) v_old + beta v_theta`` and ``v- = (1 + beta) v_old - beta v_theta``. With
+    ``x0_hat(v) = x_t - t v`` and ``r = clamp(A / (2 A_max) + 1/2, 0, 1)`` (``A_max = adv_clip_max``):
+    ``loss = r ||x0_hat(v+) - x0||^2 + (1 - r) ||x0_hat(v-) - x0||^2``, squared norms as means over the latent dims.
+    With ``beta = 1`` and ``r = 1`` it is ``t^2 ||v_theta - (eps - x0)||^2``: plain flow matching weighted by t^2.
+    ``t`` is ``[B]`` (broadcast over the latent dims)."""
+    if adv_clip_max <= 0:
+        raise ValueError(f"nft_loss: adv_clip_max must be > 0, got {adv_clip_max}")
+    v_old = v_old.detach().float()
+    v_theta, x_t, x0 = v_theta.float(), x_t.float(), x0.float()
+    t = t.float().reshape(-1, *([1] * (x_t.ndim - 1)))
+    r = torch.clamp(advantages.float() / (2 * adv_clip_max) + 0.5, 0.0, 1.0)
+    v_pos = (1 - beta) * v_old + beta * v_theta
+    v_neg = (1 + beta) * v_old - beta * v_theta
+    err_pos = _mean_over_sample((x_t - t * v_pos - x0) ** 2)
+    err_neg = _mean_over_sample((x_t - t * v_neg - x0) ** 2)
+    return r * err_pos + (1 - r) * err_neg
+
+
+def awm_loss(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    v_target: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantage Weighted Matching's clipped surrogate per sample (arXiv 2509.25050).
+
+    On re-noised rollout samples, the flow-matching errors ``e_theta = ||v_theta - (eps - x0)||^2`` and ``e_old``
+    (rollout policy, no gradient), means over the latent dims, act as negative log-likelihoods:
+    ``ratio = exp(-scale (e_theta - e_old))``, then :func:`clipped_surrogate`. ``scale`` is the likelihood's
+    inverse temperature (the paper's scaling of the error; 1 = the plain error). Equal policies give ratio 1
+    exactly. ``v_target = eps - x0``."""
+    e_theta = _mean_over_sample((v_theta.float() - v_target.float()) ** 2)
+    e_old = _mean_over_sample((v_old.detach().float() - v_target.float()) ** 2)
+    return clipped_surrogate(-scale * e_theta, -scale * e_old, advantages, epsilon_low, epsilon_high)
+
+
+def guard_log_ratio(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    std,
+) -> torch.Tensor:
+    """GRPO-Guard's per-timestep ratio normalisation (RatioNorm, arXiv 2510.22319): the log-ratio of one SDE step,
+    recentred and rescaled so that its distribution is the same at every noise level.
+
+    ``log r = log p_theta(x') - log p_old(x')`` (Gaussian log-probs with the step's std ``s``, means over the latent
+    dims) has expectation ``-b`` under the rollout, ``b = mean (mu_theta - mu_old)^2 / (2 s^2)`` (the same-std KL),
+    and a spread that grows as ``1 / s``: clipping then acts at some steps and not at others. The normalised
+    log-ratio is ``(log r + b) s = mean_d(z (mu_theta - mu_old))``, with ``z = (x' - mu_old) / s`` the rollout's
+    standard noise: zero-mean, and its scale does not depend on ``s``. Feed ``exp`` of it to the clipped
+    surrogate (the paper also weights each step's loss by ``1 / |dt|``). ``mean``/``old_mean``: ``[B, ...]``;
+    ``std``: a float or per-sample tensor; returns ``[B]``."""
+    b, _ = kl_same_std(mean, old_mean, std)
+    s = torch.as_tensor(std, dtype=torch.float32, device=mean.device).reshape(-1)
+    return (log_prob.float() - old_log_prob.float() + b) * (s if s.numel() > 1 else s[0])

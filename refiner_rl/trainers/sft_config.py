@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 from refiner_rl.distributed import prepare_cpu_distributed
 from refiner_rl.dynamics.schedules import LOSS_WEIGHTING_SCHEMES, TRAINING_SIGMA_SCHEMES
+from refiner_rl.errors import ConfigError
 
 
 @dataclass
@@ -22,6 +23,9 @@ class FlowSFTConfig(TrainingArguments):
     Conditioning:
         caption_dropout: probability of training a sample with the empty instruction (0.05, as the authors'
             configs).
+    Samples:
+        sample_steps, num_sample_images, sample_inference_steps: every ``sample_steps`` steps, sample the first
+            held-out records and save draft | reference | sample | target to ``output_dir/samples/`` (and W&B).
 
     Defaults that differ from transformers' on purpose: ``learning_rate`` 1e-4 (LoRA), ``logging_steps`` 10,
     ``remove_unused_columns`` False (the batch carries images, not token ids), ``report_to`` wandb (offline
@@ -44,6 +48,11 @@ class FlowSFTConfig(TrainingArguments):
     caption_dropout: float = field(
         default=0.05, metadata={"help": "Probability of replacing the instruction with the empty prompt."}
     )
+    sample_steps: int = field(
+        default=100, metadata={"help": "Save a sample grid to output_dir/samples/ (and W&B) every N steps (0 = off)."}
+    )
+    num_sample_images: int = field(default=4, metadata={"help": "Rows of the sample grid."})
+    sample_inference_steps: int = field(default=10, metadata={"help": "ODE steps of the sample grid's samples."})
 
     learning_rate: float = field(
         default=1e-4, metadata={"help": "AdamW learning rate (1e-4 suits LoRA; use ~1e-5 for full fine-tuning)."}
@@ -59,18 +68,20 @@ class FlowSFTConfig(TrainingArguments):
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
 
     def __post_init__(self):
+        if self.sample_steps < 0 or self.num_sample_images < 1 or self.sample_inference_steps < 1:
+            raise ConfigError("`sample_steps` must be >= 0, `num_sample_images` and `sample_inference_steps` >= 1")
         if self.timestep_sampling not in TRAINING_SIGMA_SCHEMES:
-            raise ValueError(
+            raise ConfigError(
                 f"`timestep_sampling` must be one of {TRAINING_SIGMA_SCHEMES}, got {self.timestep_sampling!r}"
             )
         if self.loss_weighting not in LOSS_WEIGHTING_SCHEMES:
-            raise ValueError(f"`loss_weighting` must be one of {LOSS_WEIGHTING_SCHEMES}, got {self.loss_weighting!r}")
+            raise ConfigError(f"`loss_weighting` must be one of {LOSS_WEIGHTING_SCHEMES}, got {self.loss_weighting!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
-            raise ValueError("`caption_dropout` must be in [0, 1)")
+            raise ConfigError("`caption_dropout` must be in [0, 1)")
         if self.mask_weight < 0:
-            raise ValueError("`mask_weight` must be >= 0")
+            raise ConfigError("`mask_weight` must be >= 0")
         if self.remove_unused_columns:
-            raise ValueError("`remove_unused_columns` must be False: the batches carry images")
+            raise ConfigError("`remove_unused_columns` must be False: the batches carry images")
         # Under `accelerate launch` without CUDA: gloo process group, reused by the Trainer (before the device setup).
         prepare_cpu_distributed(self)
         super().__post_init__()

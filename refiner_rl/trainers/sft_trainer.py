@@ -14,8 +14,10 @@ from refiner_rl.data import BucketBatchOrderSampler, TripletDataset, collate_tri
 from refiner_rl.distributed import keyed_generator, occurrence_keys
 from refiner_rl.dynamics.schedules import loss_weighting, sample_training_sigmas
 from refiner_rl.policies.kontext import KontextPolicy, TextEmbeds
-from refiner_rl.trainers.base import PolicyTrainerMixin, setup_wandb_env
+from refiner_rl.sampling import batch_text
+from refiner_rl.trainers.base import PolicyTrainerMixin
 from refiner_rl.trainers.losses import mask_weighted_flow_loss
+from refiner_rl.trainers.reporting import setup_wandb_env
 from refiner_rl.trainers.sft_config import FlowSFTConfig
 
 
@@ -24,13 +26,21 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
 
     def __init__(
         self,
-        policy: KontextPolicy,
-        args: FlowSFTConfig,
-        train_dataset: TripletDataset,
+        model: KontextPolicy | str,
+        args: FlowSFTConfig | None = None,
+        train_dataset: TripletDataset | None = None,
         eval_dataset: TripletDataset | None = None,
+        peft_config=None,
         callbacks=None,
     ):
-        self.policy = policy
+        """TRL's signature: ``model`` is a :class:`KontextPolicy`, ``"tiny"``, a diffusers repo id or a local
+        folder; ``peft_config`` a peft ``LoraConfig`` attached to its transformer."""
+        from refiner_rl.configs import resolve_policy
+
+        if args is None:
+            name = model if isinstance(model, str) else "refiner"
+            args = FlowSFTConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-SFT")
+        self.policy = policy = resolve_policy(model, args, peft_config)
         setup_wandb_env(args.report_to)
         self._setup_gradient_checkpointing(args)
         super().__init__(
@@ -41,7 +51,6 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
             data_collator=collate_triplets,
             callbacks=callbacks,
         )
-        self._metrics: dict[str, list[float]] = {"train": [], "eval": []}
 
     # ------------------------------------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
@@ -49,6 +58,27 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
         if isinstance(ds, TripletDataset) and ds.buckets:
             return BucketBatchOrderSampler(ds, self._train_batch_size, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
+
+    # --------------------------------------------------------------------------------------------- samples
+    def sample_grid_rows(self) -> list[list[torch.Tensor]]:
+        """draft | reference | sample | target for the first ``num_sample_images`` held-out records (training
+        records without a held-out set), sampled with the same seed every time so grids compare across steps."""
+        from refiner_rl.sampling import sample_images
+
+        ds = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        batch = collate_triplets([ds[i] for i in range(min(self.args.num_sample_images, len(ds)))])
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            images = sample_images(
+                self.policy, batch, num_steps=self.args.sample_inference_steps, seed=self.args.seed, transformer=model
+            ).cpu()
+        finally:
+            model.train(was_training)
+        return [
+            [batch["draft"][i], batch["reference"][i], images[i], batch["target"][i]] for i in range(images.shape[0])
+        ]
 
     # ------------------------------------------------------------------------------------------------ loss
     def _sample_generators(self, inputs: dict) -> list[torch.Generator]:
@@ -64,14 +94,7 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
             drop = torch.cat([torch.rand(1, generator=g) for g in gens]) < self.args.caption_dropout
         else:
             drop = torch.zeros(len(prompts), dtype=torch.bool)
-        if "prompt_embeds" in inputs:
-            seq, pooled = inputs["prompt_embeds"].clone(), inputs["pooled_prompt_embeds"].clone()
-            seq[drop], pooled[drop] = 0.0, 0.0  # precomputed embeddings: dropout zeroes them
-            return TextEmbeds(
-                seq.to(self.policy.device, self.policy.dtype), pooled.to(self.policy.device, self.policy.dtype)
-            )
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        return self.policy.encode_prompts(prompts)
+        return batch_text(self.policy, inputs, drop=drop)  # dropped: zero embeddings, or the empty prompt
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy, args = self.policy, self.args

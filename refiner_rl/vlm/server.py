@@ -1,9 +1,9 @@
 """A minimal OpenAI-compatible chat-completions server for a local transformers VLM.
 
-For a quick local judge, and for tests of the ``vlm_judge`` server backend over real HTTP. For scale, serve
-the judge with vLLM or SGLang instead; both speak the same protocol::
+For a quick local judge, and for tests of :class:`refiner_rl.vlm.client.ChatClient` (the ``vlm_judge`` server
+backend) over real HTTP. For scale, serve the judge with vLLM or SGLang instead; both speak the same protocol::
 
-    python -m refiner_rl.scoring.vlm_server --model /path/to/Qwen2.5-VL-7B-Instruct --port 8000
+    python -m refiner_rl.vlm.server --model /path/to/Qwen2.5-VL-7B-Instruct --port 8000
     # recipe: backend: server, base_url: http://127.0.0.1:8000/v1
 
 Endpoints: ``GET /v1/models``, ``GET /health`` and ``POST /v1/chat/completions`` with text and
@@ -79,7 +79,7 @@ def to_conversation(messages: Any) -> list[dict]:
 
 
 class JudgeServer:
-    """``ThreadingHTTPServer`` around a :class:`refiner_rl.rewards.vlm_judge.LocalVLM`.
+    """``ThreadingHTTPServer`` around a :class:`refiner_rl.vlm.local.LocalVLM`.
 
     ``port=0`` picks a free port (see :attr:`url`). ``requests`` records ``(path, Authorization header)``
     of every request, ``chat_requests`` counts chat-completion requests (before any injected failure).
@@ -163,17 +163,7 @@ class JudgeServer:
             steps = vlm.last_logits(inputs)
             token_ids = [int(steps[0].argmax())]
         else:
-            with vlm.lock, torch.no_grad():
-                out = vlm.model.generate(
-                    **inputs,
-                    max_new_tokens=max_tokens,
-                    do_sample=False,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                    pad_token_id=vlm.tokenizer.pad_token_id,
-                )
-            token_ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-            steps = torch.stack([step[0] for step in out.logits])[: len(token_ids)]
+            (token_ids,), (steps,) = vlm.generate_ids(inputs, max_tokens)
         eos = vlm.tokenizer.eos_token_id
         choice = {
             "index": 0,
@@ -270,9 +260,7 @@ def _make_handler(server: JudgeServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m refiner_rl.scoring.vlm_server", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m refiner_rl.vlm.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="local folder (or hub id, if online) of a transformers VLM")
     parser.add_argument("--served-model-name", default=None, help="name in /v1/models and replies (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -288,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from refiner_rl.rewards.vlm_judge import LocalVLM
+    from refiner_rl.vlm.local import LocalVLM
 
     vlm = LocalVLM(
         args.model,

@@ -1,0 +1,176 @@
+"""Validating records in one streaming pass (``Dataset.map``, ``num_proc`` processes), cached by ``datasets``.
+
+Each record is checked by decoding every image (:mod:`refiner_rl.data.images`): a missing field or file, an
+unreadable image, decoded values out of range, a size mismatch between target, draft and mask, or an empty mask
+gives a :class:`RecordError` naming the record and the field; a JSONL line that is not a JSON object names the
+file and the line. The pass stores, per record, the error (or none), the draft and reference sizes (so bucketing
+never opens an image again) and which optional fields the record has.
+
+Cache: for a file-backed source the pass writes ``refiner-rl-validation-<fingerprint>.arrow`` next to the
+source's own ``datasets`` cache files, where ``<fingerprint>`` hashes the source dataset's fingerprint (for a
+JSONL file: its path, modification time and size; for parquet: ``datasets``' hash of the files), the decoding
+settings (``alpha_background``) and :data:`VALIDATION_FORMAT`. A second start with the same source and settings
+reads that file and opens no image. An image edited in place without touching the records file is not seen:
+touch the records file (or delete the cache) after editing images. In-memory sources are validated each time.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+from datasets.fingerprint import Hasher
+
+from refiner_rl.data.images import load_image
+from refiner_rl.data.sources import RecordSource, parse_jsonl_row
+from refiner_rl.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# Bump when validation rules change, so cached results of older rules are not reused.
+VALIDATION_FORMAT = 1
+IMAGE_FIELDS = ("draft", "reference", "target", "mask")
+REQUIRED_FIELDS = ("prompt", "draft", "reference", "target")
+OPTIONAL_FIELDS = ("target", "mask", "prompt_embeds", "pooled_prompt_embeds")
+SHOWN_SKIPS = 10  # skipped records named in the warning; the rest are counted
+_FEATURES = datasets.Features(
+    {
+        "_error": datasets.Value("string"),
+        **{k: datasets.Value("int32") for k in ("_h", "_w", "_rh", "_rw", "_has")},
+    }
+)
+
+
+class RecordError(DataError):
+    """A bad training record. The message names the record and the field."""
+
+
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, str) and value == "")
+
+
+def record_name(record: dict, index: int) -> str:
+    rid = record.get("id")
+    return f"record {index}" + (f" (id={rid!r})" if rid is not None else "")
+
+
+def check_record(record: dict, index: int, base_dir: str | None, alpha_background: str = "white") -> tuple:
+    """``(h, w, rh, rw)`` of the draft and reference; a :class:`RecordError` if the record cannot be trained on."""
+    name = record_name(record, index)
+    for key in REQUIRED_FIELDS:
+        if _empty(record.get(key)):
+            raise RecordError(f"{name}: missing field {key!r}")
+    if not isinstance(record["prompt"], str):
+        raise RecordError(f"{name}, field 'prompt': expected text, got {type(record['prompt']).__name__}")
+    sizes = {}
+    for key in IMAGE_FIELDS:
+        if _empty(record.get(key)):
+            continue
+        try:
+            img = load_image(
+                record[key],
+                base_dir=base_dir,
+                where=f"{name}, field {key!r}",
+                mask=key == "mask",
+                alpha_background=alpha_background,
+            )
+        except RecordError:
+            raise
+        except DataError as e:
+            raise RecordError(str(e)) from e
+        sizes[key] = img.size
+        if key == "mask" and img.getextrema()[1] < 128:
+            raise RecordError(
+                f"{name}, field 'mask': the mask is empty (no pixel >= 128); drop the record or give a region"
+            )
+    base = sizes["target"]
+    for key in ("draft", "mask"):
+        if key in sizes and sizes[key] != base:
+            raise RecordError(
+                f"{name}: size mismatch: {key!r} is {sizes[key][0]}x{sizes[key][1]} but 'target' is {base[0]}x{base[1]} "
+                "(draft, target and mask must have the same size; the reference may differ)"
+            )
+    (w, h), (rw, rh) = sizes["draft"], sizes["reference"]
+    return h, w, rh, rw
+
+
+def _validate_row(row: dict, index: int, *, base_dir, name, jsonl, alpha_background) -> dict:
+    try:
+        record = parse_jsonl_row(row, name) if jsonl else row
+        h, w, rh, rw = check_record(record, index, base_dir, alpha_background)
+    except DataError as e:
+        return {"_error": str(e), "_h": -1, "_w": -1, "_rh": -1, "_rw": -1, "_has": 0}
+    has = sum(1 << i for i, k in enumerate(OPTIONAL_FIELDS) if not _empty(record.get(k)))
+    return {"_error": None, "_h": h, "_w": w, "_rh": rh, "_rw": rw, "_has": has}
+
+
+@dataclass
+class ValidationReport:
+    """``kept`` records, the messages of the ``skipped`` ones, and whether the pass came from the cache."""
+
+    kept: int
+    skipped: list[str] = field(default_factory=list)
+    cached: bool = False
+
+
+@dataclass
+class Validated:
+    """Per kept record: its row in the source (``rows``), sizes ``[n, 4]`` (h, w, rh, rw), optional-field bits."""
+
+    rows: np.ndarray
+    sizes: np.ndarray
+    has: np.ndarray
+    report: ValidationReport
+
+
+def _cache_file(ds: datasets.Dataset, fingerprint: str) -> str | None:
+    if not ds.cache_files or not datasets.is_caching_enabled():
+        return None
+    return os.path.join(os.path.dirname(ds.cache_files[0]["filename"]), f"refiner-rl-validation-{fingerprint}.arrow")
+
+
+def validate_records(
+    source: RecordSource, *, skip_invalid: bool = False, alpha_background: str = "white", num_proc: int | None = None
+) -> Validated:
+    """Check every record of ``source`` (module docstring) in one pass; raise the first error (with the count of the
+    others), or with ``skip_invalid`` skip and count bad records (named in one warning, up to :data:`SHOWN_SKIPS`)."""
+    ds = source.dataset
+    settings = dict(base_dir=source.base_dir, name=source.name, jsonl=source.jsonl, alpha_background=alpha_background)
+    fingerprint = Hasher.hash([ds._fingerprint, settings, VALIDATION_FORMAT])
+    cache_file = _cache_file(ds, fingerprint)
+    cached = cache_file is not None and bool(glob.glob(os.path.splitext(cache_file)[0] + "*.arrow"))
+    result = ds.map(
+        _validate_row,
+        with_indices=True,
+        fn_kwargs=settings,
+        remove_columns=ds.column_names,
+        features=_FEATURES,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        cache_file_name=cache_file,
+        new_fingerprint=fingerprint,
+        desc=f"validating {source.name}",
+    )
+    table = result.data.table
+    errors = table.column("_error")
+    bad = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False))
+    if len(bad) and not skip_invalid:
+        more = f" ({len(bad) - 1} more invalid record(s) after it)" if len(bad) > 1 else ""
+        raise RecordError(f"{errors[int(bad[0])].as_py()}{more}; skip_invalid_records skips and counts bad records")
+    skipped = [errors[int(i)].as_py() for i in bad]
+    rows = np.flatnonzero(errors.is_null().to_numpy(zero_copy_only=False))
+    sizes = np.stack([table.column(k).to_numpy()[rows] for k in ("_h", "_w", "_rh", "_rw")], axis=1)
+    has = table.column("_has").to_numpy()[rows]
+    if skipped:
+        shown = "\n  ".join(skipped[:SHOWN_SKIPS])
+        more = f"\n  and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
+        logger.warning(
+            "%s: skipped %d invalid record(s) of %d:\n  %s%s", source.name, len(skipped), len(ds), shown, more
+        )
+    if not len(rows):
+        raise RecordError(f"{source.name}: no valid record left after validation")
+    logger.info("%s: %d records (%d skipped)%s", source.name, len(rows), len(skipped), " [cached]" if cached else "")
+    return Validated(rows, sizes, has, ValidationReport(len(rows), skipped, cached))
