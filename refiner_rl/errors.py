@@ -28,3 +28,7 @@ class CheckpointError(UserError, ValueError):
 
 class RewardError(UserError, ValueError):
     """A reward cannot be built or has failed in a way training cannot go on from."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (model, transformer, checkpoint) does not exist or lacks a part."""

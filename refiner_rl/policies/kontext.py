@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from refiner_rl.errors import MissingFileError
 from refiner_rl.policies.codec import Codec, VAECodec
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class KontextPolicy:
         from diffusers import FluxTransformer2DModel
 
         if not os.path.isdir(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"transformer folder {path!r} does not exist (expected a save_pretrained output with config.json)"
             )
         loaded = FluxTransformer2DModel.from_pretrained(path, torch_dtype=self.dtype, use_safetensors=True)
@@ -206,7 +207,7 @@ class KontextPolicy:
         if os.path.isdir(name_or_path):
             missing = [d for d in ("transformer", "vae") if not os.path.isdir(os.path.join(name_or_path, d))]
             if missing:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"model folder {name_or_path!r} lacks {missing}; expected the diffusers layout of "
                     "FLUX.1-Kontext-dev (transformer/, vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/)"
                 )
