@@ -6,6 +6,10 @@ draft 1, reference ``reference_id`` (default 2). The velocity is read from the t
 
 :meth:`KontextPolicy.velocity` is the single forward used by SFT, GRPO rollout and GRPO training, so the
 log-prob recomputed in training equals the one stored at rollout by construction.
+
+Why this file is ~500 lines: everything one editor family needs (loading from the hub, a folder or the tiny
+config; text, image and condition encoding; the velocity forward; LoRA save/load in the diffusers format) sits in
+one adapter, so adding the next editor (Qwen-Image-Edit, FLUX.2) means adding one file beside it.
 """
 
 from __future__ import annotations

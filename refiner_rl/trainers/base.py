@@ -47,10 +47,30 @@ class PolicyTrainerMixin:
 
     policy = None  # set by the subclass before Trainer.__init__
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, policy, args, train_dataset=None, eval_dataset=None, callbacks=None):
+        """``Trainer.__init__`` over ``policy.transformer`` with the triplet collator, W&B set up (offline without
+        an API key), diffusers' gradient checkpointing, console logs that print numbers, and sample grids."""
+        from refiner_rl.data import collate_triplets
+
+        self.policy = policy
+        setup_wandb_env(args.report_to)
+        self._setup_gradient_checkpointing(args)
+        super().__init__(
+            model=policy.transformer,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collate_triplets,
+            callbacks=callbacks,
+        )
         use_console_log(self)
         self.add_callback(SampleGrids(self))
+
+    @staticmethod
+    def default_args(model, config_cls, suffix: str):
+        """TRL's default when no config is given: ``config_cls(output_dir="<model name>-<suffix>")``."""
+        name = model if isinstance(model, str) else "refiner"
+        return config_cls(output_dir=f"{name.rstrip('/').split('/')[-1]}-{suffix}")
 
     # ---------------------------------------------------------------------------------------------- resume
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):

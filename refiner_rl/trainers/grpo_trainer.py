@@ -13,6 +13,11 @@ Read top to bottom, one rollout is:
 
 It builds on ``transformers.Trainer`` (like TRL's lean experimental trainers) and keeps TRL's config names
 and metric names; TRL's ``GRPOTrainer`` itself assumes a causal LM (docs/algorithms.md#pitfalls-we-guard-against).
+
+Why this file is ~600 lines: it is the GRPO loop itself (rollout, scoring, advantages, loss, logging, held-out
+evaluation, checkpoint hooks), kept in one file so it can be read in one sitting, as the steps above list it. The
+pieces that stand alone live elsewhere: sampling in ``refiner_rl.sampling``, step math in ``refiner_rl.dynamics``,
+losses in ``trainers.losses``, the per-step backward in ``trainers.backward``, rewards in ``refiner_rl.scoring``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
 from refiner_rl.configs import resolve_policy
-from refiner_rl.data import TripletDataset, collate_triplets
+from refiner_rl.data import TripletDataset
 from refiner_rl.distributed import keyed_generator
 from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
 from refiner_rl.errors import CheckpointError, ConfigError, RewardError
@@ -47,7 +52,6 @@ from refiner_rl.trainers.base import (
     FULL_WEIGHTS_DIR,
     PolicyTrainerMixin,
     save_transformer_state_dict,
-    setup_wandb_env,
 )
 from refiner_rl.trainers.ema import EMA
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
@@ -83,8 +87,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         ``args.reward_weights`` (default 1 each). ``peft_config``: a peft ``LoraConfig`` attached to the
         policy's transformer."""
         if args is None:
-            name = model if isinstance(model, str) else "refiner"
-            args = FlowGRPOConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-GRPO")
+            args = self.default_args(model, FlowGRPOConfig, "GRPO")
         policy = resolve_policy(model, args, peft_config)
         if reward_funcs is None:
             if not args.rewards:
@@ -98,22 +101,12 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         if len(weights) != len(rewards):
             raise ConfigError(f"`reward_weights` has {len(weights)} entries for {len(rewards)} rewards")
         self.reward_weights = torch.tensor([float(w) for w in weights])
-        self.policy = policy
         self.rewards = rewards
         self.reward_names = reward_labels(rewards)
         if train_dataset is not None:
             columns = {"prompt", "draft", "reference", "mask"} | ({"target"} if _has_target(train_dataset) else set())
             check_required_fields(rewards, columns)
-        setup_wandb_env(args.report_to)
-        self._setup_gradient_checkpointing(args)
-        super().__init__(
-            model=policy.transformer,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=collate_triplets,
-            callbacks=callbacks,
-        )
+        super().__init__(policy, args, train_dataset, eval_dataset, callbacks)
         # compute_loss returns a per-micro-batch mean: let Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         for r in rewards:

@@ -17,7 +17,6 @@ from refiner_rl.policies.kontext import KontextPolicy, TextEmbeds
 from refiner_rl.sampling import batch_text
 from refiner_rl.trainers.base import PolicyTrainerMixin
 from refiner_rl.trainers.losses import mask_weighted_flow_loss
-from refiner_rl.trainers.reporting import setup_wandb_env
 from refiner_rl.trainers.sft_config import FlowSFTConfig
 
 
@@ -38,19 +37,8 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
         from refiner_rl.configs import resolve_policy
 
         if args is None:
-            name = model if isinstance(model, str) else "refiner"
-            args = FlowSFTConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-SFT")
-        self.policy = policy = resolve_policy(model, args, peft_config)
-        setup_wandb_env(args.report_to)
-        self._setup_gradient_checkpointing(args)
-        super().__init__(
-            model=policy.transformer,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=collate_triplets,
-            callbacks=callbacks,
-        )
+            args = self.default_args(model, FlowSFTConfig, "SFT")
+        super().__init__(resolve_policy(model, args, peft_config), args, train_dataset, eval_dataset, callbacks)
 
     # ------------------------------------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
