@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 
 class EMA:
@@ -58,3 +59,15 @@ def _gathered(params: list[nn.Parameter], modify: bool = False):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None)
+
+
+class EMACallback(TrainerCallback):
+    """Update ``trainer.ema`` after every optimizer step (and only then: the epoch-end log/save hook runs without
+    a step)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        t = self.trainer
+        t.ema.update(t.accelerator.unwrap_model(t.model))

@@ -32,7 +32,7 @@ from collections import defaultdict
 
 import torch
 from torch.nn import functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from trl.trainer.utils import RepeatSampler
 
 from refiner_rl.configs import resolve_policy
@@ -53,7 +53,7 @@ from refiner_rl.trainers.base import (
     PolicyTrainerMixin,
     save_transformer_state_dict,
 )
-from refiner_rl.trainers.ema import EMA
+from refiner_rl.trainers.ema import EMA, EMACallback
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.losses import clipped_surrogate
 
@@ -124,7 +124,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             self.ref_transformer = copy.deepcopy(policy.transformer).eval().requires_grad_(False)
         self.ema = EMA(policy.transformer, args.ema_decay) if args.ema_decay > 0 else None
         if self.ema is not None:
-            self.add_callback(_EMAUpdate(self))
+            self.add_callback(EMACallback(self))
         self._step = 0
         self._buffered_inputs: list[dict] | None = None
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -572,17 +572,6 @@ class EpochRepeatSampler(RepeatSampler):
         if self.shuffle:
             self.generator.manual_seed((self.seed or 0) * 1_000_003 + self.epoch)
         return super().__iter__()
-
-
-class _EMAUpdate(TrainerCallback):
-    """EMA after every optimizer step (and only then: the epoch-end log/save hook runs without a step)."""
-
-    def __init__(self, trainer: FlowGRPOTrainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        t = self.trainer
-        t.ema.update(t.accelerator.unwrap_model(t.model))
 
 
 def _now(device) -> float:
