@@ -1,5 +1,5 @@
 """Where a GRPO step's time goes, how much the trainer adds to the transformer calls, and what the SDE window
-and our learning settings buy. (Why ~670 lines: five measurements that share one trainer builder, one timing
+and our learning settings buy. (Why ~650 lines: five measurements that share one trainer builder, one timing
 loop and one fresh-process memory probe, so their figures compare; each part is a function below.)
 
     python bench/grpo_step.py                                   # tiny shapes, CPU, all five parts
@@ -8,7 +8,8 @@ loop and one fresh-process memory probe, so their figures compare; each part is 
     # memory: one backward per trained step vs one over all of them, at a peer's shape: the bench's transformer,
     # 64 px with 3,200 tokens per sample (3 x 1024 image + 128 text), LoRA r8, 6 sampling steps with 5 trained
     python bench/grpo_step.py --skip breakdown overhead window ttr --size 64 --codec_factor 1 --text_len 128 \
-        --lora_rank 8 --sampling_steps 6 --trained_steps 5 --prompts 1 --threads 2 --compare_rss_mb 1215
+        --lora_rank 8 --sampling_steps 6 --trained_steps 5 --prompts 1 --threads 2 --compare_rss_mb 1215 \
+        --malloc_mmap_threshold 262144
 
 One run prints five parts:
 
@@ -28,7 +29,9 @@ One run prints five parts:
 5. memory: peak memory and step time of one backward per trained step (what training does) vs one backward
    over all trained steps (``FlowGRPOTrainer.backward_per_step = False``), each run in a fresh process
    (peak RSS = the process's VmHWM; on CUDA also ``torch.cuda.max_memory_allocated``), alternating for
-   ``--memory_rounds`` rounds; medians.
+   ``--memory_rounds`` rounds; medians. Also the import floors (resident memory before anything is built): ours
+   and a loop written on diffusers + accelerate + peft only (:data:`PEER_IMPORTS`); with ``--compare_rss_mb``
+   our peak less that difference is compared with the given figure too.
 
 Every timed setting reports its peak memory: the breakdown's from its own process; each window setting and
 each memory setting from a fresh process running it alone (``--probe_steps`` steps).
@@ -324,14 +327,14 @@ def peak_memory(device) -> dict:
 
 
 # ------------------------------------------------------------------------------- one setting, fresh process
-def probe(a, argv: list[str], overrides: dict, steps: int | None = None) -> dict:
+def probe(a, argv: list[str], overrides: dict, steps: int | None = None, env: dict | None = None) -> dict:
     """Train one setting alone in a fresh process (this script with ``--probe``): its per-step times and peak
-    memory. ``steps`` replaces ``warmup + iters`` (warmup 1)."""
+    memory. ``steps`` replaces ``warmup + iters`` (warmup 1); ``env``: extra environment variables."""
     extra = ["--probe", json.dumps(overrides)]
     if steps is not None:
         extra += ["--warmup", "1", "--iters", str(max(1, steps - 1))]
     cmd = [sys.executable, os.path.abspath(__file__), *argv, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), **(env or {}))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"probe {overrides} failed (rc={res.returncode}):\n{res.stderr[-4000:]}")
@@ -347,13 +350,56 @@ def run_probe(a) -> dict:
     return {k: r[k] for k in ("step_s", "step_median_s", "steps_s", "sequence_tokens", "memory")}
 
 
+# What a training loop written directly on diffusers + accelerate + peft imports (flow_grpo's Kontext loop: the
+# pipeline with its text encoders and VAE, accelerate, peft; DeepSpeed where installed, since accelerate's
+# unwrap_model imports it). OUR_IMPORTS adds what this trainer imports on top: transformers' Trainer, which imports
+# `datasets` (with pandas and pyarrow), TRL and refiner_rl.
+PEER_IMPORTS = """
+import torch, accelerate, peft
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, T5EncoderModel
+try:
+    import deepspeed
+except ImportError:
+    pass
+"""
+OUR_IMPORTS = """
+from transformers import Trainer
+from trl.trainer.utils import RepeatSampler
+from refiner_rl.data import TripletDataset
+from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
+"""
+_PRINT_RSS = 'print(next(int(s.split()[1]) for s in open("/proc/self/status") if s.startswith("VmRSS:")) / 1024)'
+
+
+def import_floor(a, code: str) -> float:
+    """Resident MB of a fresh process after only the imports in ``code`` (Linux)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), WANDB_MODE="disabled")
+    res = subprocess.run([sys.executable, "-c", code + _PRINT_RSS], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"import probe failed (rc={res.returncode}):\n{res.stderr[-2000:]}")
+    return float(res.stdout.split()[-1])
+
+
+def memory_settings(a) -> dict[str, tuple[dict, dict]]:
+    """The memory part's settings: name -> (config overrides, environment). With ``--malloc_mmap_threshold N``
+    also the per-step backward under glibc's ``MALLOC_MMAP_THRESHOLD_=N`` (blocks of N bytes and more are mapped
+    and returned to the system when freed, instead of staying in the heap)."""
+    out = {k: (ov, {}) for k, ov in BACKWARDS.items()}
+    if a.malloc_mmap_threshold:
+        out["per_step_mmap"] = (BACKWARDS["per_step"], {"MALLOC_MMAP_THRESHOLD_": str(a.malloc_mmap_threshold)})
+    return out
+
+
 def memory_compare(a, argv: list[str]) -> dict:
     """One backward per trained step vs one over all of them: fresh processes, alternating order per round;
     per setting the median over rounds of peak RSS (CUDA peak) and of each run's median step time."""
-    runs: dict[str, list[dict]] = {k: [] for k in BACKWARDS}
+    settings = memory_settings(a)
+    runs: dict[str, list[dict]] = {k: [] for k in settings}
     for r in range(a.memory_rounds):
-        for k in list(BACKWARDS) if r % 2 == 0 else list(BACKWARDS)[::-1]:
-            runs[k].append(probe(a, argv, BACKWARDS[k]))
+        for k in list(settings) if r % 2 == 0 else list(settings)[::-1]:
+            runs[k].append(probe(a, argv, settings[k][0], env=settings[k][1]))
     out: dict = {"rounds": a.memory_rounds, "sequence_tokens": runs["per_step"][0]["sequence_tokens"]}
     for k, rs in runs.items():
         mem = {m: statistics.median(x["memory"][m] for x in rs) for m in rs[0]["memory"]}
@@ -364,8 +410,20 @@ def memory_compare(a, argv: list[str]) -> dict:
         }
     out["rss_ratio"] = out["per_step"]["peak_rss_mb"] / out["single"]["peak_rss_mb"]
     out["time_ratio"] = out["per_step"]["step_s"] / out["single"]["step_s"]
+    # Import floors in fresh processes (medians over rounds): a diffusers + accelerate + peft loop's, and ours (the
+    # same imports plus Trainer, datasets, TRL, refiner_rl). The difference is paid before anything is built.
+    floor = {
+        "peer_mb": statistics.median(import_floor(a, PEER_IMPORTS) for _ in range(a.memory_rounds)),
+        "ours_mb": statistics.median(import_floor(a, PEER_IMPORTS + OUR_IMPORTS) for _ in range(a.memory_rounds)),
+    }
+    floor["difference_mb"] = floor["ours_mb"] - floor["peer_mb"]
+    out["import_floor"] = floor
     if a.compare_rss_mb:
-        out["rss_vs_given"] = {k: out[k]["peak_rss_mb"] / a.compare_rss_mb for k in BACKWARDS}
+        out["rss_vs_given"] = {k: out[k]["peak_rss_mb"] / a.compare_rss_mb for k in settings}
+        # Our peak less the extra import floor, against the given peak (which paid only the peer's floor).
+        out["rss_vs_given_same_floor"] = {
+            k: (out[k]["peak_rss_mb"] - floor["difference_mb"]) / a.compare_rss_mb for k in settings
+        }
     return out
 
 
@@ -425,7 +483,7 @@ def _fmt_table(res: dict) -> str:
             f"backward per trained step vs one over all (fresh processes, medians of {m['rounds']} rounds; "
             f"{tok['total']} tokens per sample):",
         ]
-        for k in BACKWARDS:
+        for k in memory_settings_names(m):
             cuda = f", CUDA peak {m[k]['cuda_peak_allocated_mb']:.0f} MB" if "cuda_peak_allocated_mb" in m[k] else ""
             given = (
                 f" ({m['rss_vs_given'][k]:.2f}x the given {res['args']['compare_rss_mb']:.0f} MB)"
@@ -437,6 +495,17 @@ def _fmt_table(res: dict) -> str:
                 f"{m[k]['peak_rss_mb'] - m[k]['import_rss_mb']:.0f} MB above the imports"
             )
         lines.append(f"  per_step / single: RSS {m['rss_ratio']:.3f}x, time {m['time_ratio']:.3f}x")
+        f = m["import_floor"]
+        lines.append(
+            f"  import floor: ours {f['ours_mb']:.0f} MB, a diffusers + accelerate + peft loop's {f['peer_mb']:.0f} MB "
+            f"(+{f['difference_mb']:.0f} MB: transformers' Trainer with datasets, TRL, refiner_rl)"
+        )
+        if "rss_vs_given_same_floor" in m:
+            same = m["rss_vs_given_same_floor"]
+            lines.append(
+                "  peak less the extra floor vs the given: "
+                + ", ".join(f"{k} {m[k]['peak_rss_mb'] - f['difference_mb']:.0f} MB ({same[k]:.2f}x)" for k in same)
+            )
     if "ttr" in res:
         t = res["ttr"]
         lines += ["", f"time to reward: held-out reward {t['start_reward']:.5f} -> level {t['level']:.5f}"]
@@ -447,6 +516,11 @@ def _fmt_table(res: dict) -> str:
         sp = t["speedup"]
         lines.append(f"  speed-up: {sp if isinstance(sp, str) or sp is None else f'{sp:.2f}x'} (target >= 3x)")
     return "\n".join(lines)
+
+
+def memory_settings_names(m: dict) -> list[str]:
+    """The settings a memory result holds (``per_step``, ``single``, optionally ``per_step_mmap``)."""
+    return [k for k in (*BACKWARDS, "per_step_mmap") if k in m]
 
 
 def _fmt_mem(mem: dict) -> str:
@@ -498,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--memory_rounds", type=int, default=3, help="fresh-process runs per backward mode")
     g.add_argument("--probe_steps", type=int, default=2, help="steps of each window setting's memory probe")
     g.add_argument("--compare_rss_mb", type=float, default=None, help="a peak RSS to compare with (e.g. a peer's)")
+    g.add_argument(
+        "--malloc_mmap_threshold",
+        type=int,
+        default=None,
+        help="bytes: also run the per-step setting with glibc's MALLOC_MMAP_THRESHOLD_ set to this (e.g. 262144)",
+    )
     g.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one setting, JSON overrides
     p.add_argument("--skip", nargs="*", default=[], choices=PARTS)
     p.add_argument(

@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FlowGRPOConfig": "refiner_rl.trainers.grpo_config",
     "FlowGRPOTrainer": "refiner_rl.trainers.grpo_trainer",
+    "FlowReFLConfig": "refiner_rl.trainers.refl_config",
+    "FlowReFLTrainer": "refiner_rl.trainers.refl_trainer",
     "FlowSFTConfig": "refiner_rl.trainers.sft_config",
     "FlowSFTTrainer": "refiner_rl.trainers.sft_trainer",
     "KontextPolicy": "refiner_rl.policies.kontext",

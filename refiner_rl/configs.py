@@ -122,7 +122,7 @@ class DataArguments:
         Arrow files and the cached validation; a second start with the same files skips validation).
     Synthetic set:
         synthetic_records, synthetic_eval_records, synthetic_size, synthetic_seed; the reference's geometry
-        (synthetic_geometry and its synthetic_shift_fraction, synthetic_zoom_range, synthetic_warp,
+        (synthetic_geometry and its synthetic_shift_fraction, synthetic_shift_step, synthetic_zoom_range, synthetic_warp,
         synthetic_color_jitter), synthetic_degrade, synthetic_textures.
     """
 
@@ -179,6 +179,12 @@ class DataArguments:
     synthetic_shift_fraction: float = field(
         default=0.25, metadata={"help": "Largest pan of a `shifted` reference, as a fraction of the image side."}
     )
+    synthetic_shift_step: int = field(
+        default=1,
+        metadata={
+            "help": "A `shifted` reference pans by multiples of this many pixels (e.g. the editor's token side)."
+        },
+    )
     synthetic_zoom_range: list[float] = field(
         default_factory=lambda: [1.5, 2.0],
         metadata={"help": "[min, max] magnification of a `zoomed` reference (min * region side must fit the image)."},
@@ -226,6 +232,7 @@ class DataArguments:
                 size=self.synthetic_size,
                 geometry=self.synthetic_geometry,
                 shift_fraction=self.synthetic_shift_fraction,
+                shift_step=self.synthetic_shift_step,
                 zoom_range=tuple(self.synthetic_zoom_range),
                 warp=self.synthetic_warp,
                 color_jitter=self.synthetic_color_jitter,

@@ -24,7 +24,7 @@ integer tensors ``(x0, y0, x1, y1)`` in pixels, ``x1``/``y1`` exclusive.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,27 @@ class FocusCrop:
         :attr:`batch`, the cropped target, mask and reference)."""
         return paste_back_feathered(self.full_batch["draft"], refined_crop, self.boxes, feather, ramp), refined_crop
 
+    def crop_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Score maps ``[B, h, w]`` of full images (any grid, e.g. one value per patch) cut at the crop boxes and
+        resized (nearest: NaN stays NaN) to the crop's grid at the same scale, ``[B, h * S / H, w * S / W]``."""
+        h, w = int(maps.shape[-2]), int(maps.shape[-1])
+        boxes = _scaled_boxes(self.boxes, self.full_size, (h, w))
+        size = tuple(int(self.batch["draft"].shape[k]) for k in (-2, -1))
+        out_size = (max(1, round(size[0] * h / self.full_size[0])), max(1, round(size[1] * w / self.full_size[1])))
+        return torch.cat(
+            [
+                F.interpolate(m[None, None, y0:y1, x0:x1].float(), size=out_size, mode="nearest")[0]
+                for m, (x0, y0, x1, y1) in zip(maps, boxes.tolist())
+            ]
+        )
+
+    def scored(self, refined_crop: torch.Tensor, settings: FocusSettings) -> tuple[torch.Tensor, dict]:
+        """What rewards and metrics see: ``(images, batch)``, the pasted full images and the full batch with
+        ``settings.score_on == "full"``, else the refined crop and the cropped batch."""
+        if settings.score_on == "crop":
+            return refined_crop, self.batch
+        return self.paste_back(refined_crop, settings.feather, settings.ramp)[0], self.full_batch
+
 
 def _crop_reference_mode(crop_reference) -> str:
     mode = str(crop_reference).lower()
@@ -270,3 +291,102 @@ def paste_back_feathered(
         placed[i, :, y0:y1, x0:x1] = _resize(refined_crop[i : i + 1].to(full.dtype), (y1 - y0, x1 - x0))[0]
     w = feather_weights(box, (H, W), feather, ramp).to(full.dtype)
     return full * (1 - w) + placed * w
+
+
+SCORE_ON = ("full", "crop")
+
+
+@dataclass
+class FocusSettings:
+    """How a trainer, the sampler or the evaluator refines a region in focus.
+
+    size: working resolution of the crop (a square side, a multiple of the codec's ``multiple``); ``None`` uses the
+        shorter side of the batch's images rounded down to that multiple.
+    margin, crop_reference, feather, ramp: as :func:`focus_crop` and :func:`paste_back_feathered`.
+    score_on: ``full`` scores rewards and metrics on the refined crop pasted back into the full image; ``crop`` on
+        the refined crop against the cropped target, mask and reference.
+    """
+
+    size: int | None = None
+    margin: float = 0.125
+    crop_reference: str = "false"
+    feather: float = 2.0
+    ramp: str = "linear"
+    score_on: str = "full"
+
+    def __post_init__(self):
+        self.crop_reference = _crop_reference_mode(self.crop_reference)
+        if self.score_on not in SCORE_ON:
+            raise ConfigError(f"focus_crop: score_on {self.score_on!r} is not one of {', '.join(SCORE_ON)}")
+        if self.size is not None and self.size < 1:
+            raise ConfigError(f"focus_crop: the working size must be >= 1 pixel or unset, got {self.size}")
+        if self.margin < 0 or self.feather < 0 or self.ramp not in RAMPS:
+            raise ConfigError(
+                f"focus_crop: margin and feather must be >= 0 and ramp one of {', '.join(RAMPS)}, got margin "
+                f"{self.margin}, feather {self.feather}, ramp {self.ramp!r}"
+            )
+
+    def working_size(self, batch: dict, multiple: int) -> int:
+        """The crop's side: ``size``, or the batch's shorter image side rounded down to ``multiple``."""
+        side = self.size if self.size is not None else min(batch["draft"].shape[-2:])
+        if side % multiple or side < multiple:
+            if self.size is not None:
+                raise ConfigError(f"focus_crop: focus_size {self.size} must be a positive multiple of {multiple}")
+            side = max(multiple, side // multiple * multiple)
+        return int(side)
+
+    def crop(self, batch: dict, multiple: int) -> FocusCrop:
+        """:func:`focus_crop` of ``batch`` with these settings; boxes are multiples of ``multiple`` (the codec's
+        size multiple) where the image allows. ``crop_reference=true`` reads the batch's ``ref_box`` column."""
+        ref_boxes = batch.get("ref_box") if self.crop_reference == "true" else None
+        return focus_crop(
+            batch,
+            self.working_size(batch, multiple),
+            margin=self.margin,
+            multiple=multiple,
+            crop_reference=self.crop_reference,
+            ref_boxes=ref_boxes,
+        )
+
+
+@dataclass
+class FocusArguments:
+    """Config fields of region-focused refinement, shared by the SFT and GRPO configs (see :class:`FocusSettings`).
+
+    Turn it on when the region is small in a large image (text on a label, a logo on a cap): the crop then gets
+    the model's whole working resolution instead of a few tokens of it.
+    """
+
+    focus_crop: bool = field(
+        default=False,
+        metadata={
+            "help": "Refine a crop around the mask (bbox + margin) at the working resolution, pasted back feathered."
+        },
+    )
+    focus_size: int | None = field(
+        default=None, metadata={"help": "Working side of the crop in pixels (default: the images' shorter side)."}
+    )
+    focus_margin: float = field(
+        default=0.125, metadata={"help": "Margin around the mask's box, times its longer side."}
+    )
+    focus_crop_reference: str = field(
+        default="false",
+        metadata={
+            "help": "Reference: false (keep it whole), same_box (cut at the draft's box), true (cut at ref_box)."
+        },
+    )
+    focus_feather: float = field(default=2.0, metadata={"help": "Width in pixels of the paste-back blend ramp."})
+    focus_score_on: str = field(
+        default="full", metadata={"help": "Score rewards and metrics on the pasted full image (full) or the crop."}
+    )
+
+    def focus_settings(self) -> FocusSettings | None:
+        """The :class:`FocusSettings` these fields describe (checked), or ``None`` with ``focus_crop`` off."""
+        settings = FocusSettings(
+            self.focus_size,
+            self.focus_margin,
+            self.focus_crop_reference,
+            self.focus_feather,
+            score_on=self.focus_score_on,
+        )
+        return settings if self.focus_crop else None

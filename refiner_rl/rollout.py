@@ -25,6 +25,7 @@ class Trajectory:
     log_prob_tokens: torch.Tensor  # [B, K, N] per-token log-probs (for spatial advantages)
     sde_steps: list[int]  # the K step indices
     sigmas: torch.Tensor  # [num_steps + 1]
+    means: torch.Tensor | None = None  # [B, K, N, C] mean of each stochastic step (GRPO-Guard's old mean)
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -105,7 +106,7 @@ def rollout(
         raise ValueError(f"sde_steps {sorted(sde)} out of range for {len(sigmas) - 1} steps")
     if sigma_max is None:
         sigma_max = sigmas[1] if len(sigmas) > 1 else None
-    states, nexts, lps, lpts = [], [], [], []
+    states, nexts, lps, lpts, means = [], [], [], [], []
     x = x.float()
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
@@ -134,6 +135,7 @@ def rollout(
             nexts.append(out.next_sample)
             lps.append(out.log_prob)
             lpts.append(out.log_prob_tokens)
+            means.append(out.mean)
             x = out.next_sample
         else:
             x = ode_step(x, v, s, s_next)
@@ -147,6 +149,7 @@ def rollout(
         log_prob_tokens=torch.stack(lpts, 1) if lpts else x.new_zeros(b, 0, x.shape[1]),
         sde_steps=sorted(sde),
         sigmas=sigmas,
+        means=torch.stack(means, 1) if means else empty,
     )
 
 

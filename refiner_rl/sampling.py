@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 
+from refiner_rl.focus import FocusSettings
 from refiner_rl.policies.kontext import Conditions, KontextPolicy, TextEmbeds
 from refiner_rl.rollout import Trajectory, coarse_tail, initial_latents, paste_back, rollout, sampling_sigmas
 
@@ -156,12 +157,30 @@ def sample_images(
     negative_prompt: str = "",
     micro_batch: int | None = None,
     transformer=None,
+    focus: FocusSettings | None = None,
 ) -> torch.Tensor:
     """Refined images ``[B, 3, H, W]`` in [0, 1] of a collated batch by ODE sampling: deterministic given
     ``seed`` (one generator for the batch) or ``generators`` (one per sample). True CFG runs with the
-    ``negative_prompt`` when ``true_cfg_scale > 1``."""
+    ``negative_prompt`` when ``true_cfg_scale > 1``.
+
+    With ``focus`` (region-focused refinement) the crop around each mask is refined at the working size and pasted
+    back feathered into the full draft (:mod:`refiner_rl.focus`); ``paste`` then acts inside the crop. To score on the
+    crop instead, sample ``focus.crop(batch, multiple).batch`` without ``focus``."""
     if generators is None:
         generators = torch.Generator().manual_seed(int(seed or 0))
+    if focus is not None:
+        crop = focus.crop(batch, policy.codec.downsample * 2)
+        kwargs = dict(start_sigma=start_sigma, paste=paste, true_cfg_scale=true_cfg_scale, micro_batch=micro_batch)
+        out = sample_images(
+            policy,
+            crop.batch,
+            num_steps=num_steps,
+            generators=generators,
+            negative_prompt=negative_prompt,
+            transformer=transformer,
+            **kwargs,
+        )
+        return crop.paste_back(out, focus.feather, focus.ramp)[0]
     cond, _ = batch_conditions(policy, batch, negative_prompt if true_cfg_scale > 1 else None)
     _, _, images = sample_trajectories(
         policy,

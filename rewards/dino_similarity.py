@@ -15,7 +15,8 @@ also gives a map: per patch token, the cosine similarity of the two images' toke
 
 The model is ``transformers.Dinov2Model`` loaded with ``from_pretrained`` from ``model_name_or_path`` (hub id
 or local folder, safetensors only, no remote code), built outside ZeRO-3 partitioning, frozen, and run in
-inference mode. Offline (``HF_HUB_OFFLINE=1``) a hub id must already be in the Hugging Face cache.
+inference mode. :meth:`DinoSimilarity.score_tensors` is the same computation with gradient into the sample
+(the frozen model is differentiated through, never trained). Offline (``HF_HUB_OFFLINE=1``) a hub id must already be in the Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class DinoSimilarity(Reward):
     required_fields = ("target",)
     optional_fields = ("mask",)
     provides_maps = True
+    differentiable = True
 
     def __init__(
         self,
@@ -117,54 +119,75 @@ class DinoSimilarity(Reward):
         crop = F.interpolate(
             crop, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
         )
-        return ((crop.clamp(0, 1) - self._mean) / self._std)[0]
+        mean, std = self._mean.to(crop.device), self._std.to(crop.device)
+        return ((crop.clamp(0, 1) - mean) / std)[0]
 
-    @torch.inference_mode()
-    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Final layer-normed tokens ``[B, 1 + T, D]`` (CLS first), ``batch_size`` images per forward."""
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Final layer-normed tokens ``[B, 1 + T, D]`` (CLS first, float32 on the model's device), ``batch_size``
+        images per forward; differentiable with respect to ``pixels`` when gradients are on."""
         out = []
         for s in range(0, pixels.shape[0], self.batch_size):
             chunk = pixels[s : s + self.batch_size].to(self.device, self.dtype)
-            out.append(self.model(pixel_values=chunk).last_hidden_state.float().cpu())
+            out.append(self.model(pixel_values=chunk).last_hidden_state.float())
         return torch.cat(out)
 
-    def score_maps(self, prompts: Sequence[str], completions: Sequence[Any], **columns):
-        n = len(completions)
+    @torch.inference_mode()
+    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._forward(pixels).cpu()
+
+    def _pairs(self, completions: Sequence[Any], columns: dict) -> tuple[list[int], list, list]:
+        """The samples that can be scored and their prepared crops (sample, ``compare_to`` image), same box each."""
         index, a, b = [], [], []
         for i, completion in enumerate(completions):
             x = as_image_tensor(completion)
             other = required_value(columns, self.compare_to, i, self.name)
-            y = as_image_tensor(other)
+            y = as_image_tensor(other).to(x.device)
             check_same_size(x, y, "completion", self.compare_to, self.name)
             box = (0, x.shape[-2], 0, x.shape[-1])
             mask = column_value(columns, "mask", i)
             if self.region == "bbox" and mask is not None:
-                mask = as_image_tensor(mask, channels=1)
+                mask = as_image_tensor(mask, channels=1).detach().cpu()
                 check_same_size(x, mask, "completion", "mask", self.name)
                 box = mask_bbox(mask, self.dilation)
                 if box is None:  # empty mask: nothing to compare
                     continue
             index.append(i)
             a.append(self._prepare(x, box))
-            b.append(self._prepare(y, box))
+            b.append(self._prepare(y.detach(), box))
+        return index, a, b
 
+    def _embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0] if self.pooling == "cls" else tokens[:, 1:].mean(1)
+
+    def score_maps(self, prompts: Sequence[str], completions: Sequence[Any], **columns):
+        n = len(completions)
+        index, a, b = self._pairs(completions, columns)
         scores: list[float | None] = [None] * n
         maps: list[torch.Tensor | None] = [None] * n
         if not index:
             return scores, maps
         tokens = self._tokens(torch.stack(a + b))
         ta, tb = tokens[: len(index)], tokens[len(index) :]
-        if self.pooling == "cls":
-            ea, eb = ta[:, 0], tb[:, 0]
-        else:
-            ea, eb = ta[:, 1:].mean(1), tb[:, 1:].mean(1)
-        sims = F.cosine_similarity(ea, eb, dim=-1)
+        sims = F.cosine_similarity(self._embeddings(ta), self._embeddings(tb), dim=-1)
         grid = self.image_size // self._patch_size()
         for j, i in enumerate(index):
             scores[i] = float(sims[j])
             if self.provides_maps and ta.shape[1] - 1 == grid * grid:
                 maps[i] = F.cosine_similarity(ta[j, 1:], tb[j, 1:], dim=-1).reshape(grid, grid)
         return scores, maps
+
+    def score_tensors(self, images: torch.Tensor, columns: dict) -> torch.Tensor:
+        """The cosine similarity per image of ``images`` ``[B, 3, H, W]``, differentiable through the crop, the
+        resize and DINOv2 (whose weights stay frozen); NaN where the mask is empty."""
+        index, a, b = self._pairs(list(images), columns)
+        out = torch.full((images.shape[0],), float("nan"), device=images.device)
+        if not index:
+            return out
+        ea = self._embeddings(self._forward(torch.stack(a)))
+        with torch.no_grad():
+            eb = self._embeddings(self._forward(torch.stack(b)))
+        sims = F.cosine_similarity(ea, eb, dim=-1).to(out.device)
+        return out.index_put((torch.tensor(index, device=out.device),), sims)
 
     def _patch_size(self) -> int:
         p = getattr(getattr(self.model, "config", None), "patch_size", 14)

@@ -9,6 +9,9 @@ in ``[0, 1]`` pixel space, so the reward lies in ``[-1, 0]`` and 0 is a perfect 
 mask column the region is the whole image (``inside``) or empty (``outside``). An empty region scores
 ``None``. With ``patch_size`` the reward also gives a map: each grid cell's own masked error, NaN where the
 cell holds no region pixel.
+
+Differentiable (:meth:`MaskedPixel.score_tensors`): the same formula on a batch ``[B, 3, H, W]`` with gradient into
+the images (in float32; the list path sums in float64), NaN where the region is empty.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from refiner_rl.scoring.base import (
     Reward,
     as_image_tensor,
     check_same_size,
+    column_batch,
     column_value,
     required_value,
 )
@@ -37,6 +41,7 @@ class MaskedPixel(Reward):
     required_fields = ("target",)
     optional_fields = ("mask",)
     provides_maps = True
+    differentiable = True
 
     def __init__(
         self,
@@ -97,3 +102,23 @@ class MaskedPixel(Reward):
 
     def score_maps(self, prompts: Sequence[str], completions: Sequence[Any], **columns):
         return self._score(completions, columns, with_maps=True)
+
+    def score_tensors(self, images: torch.Tensor, columns: dict) -> torch.Tensor:
+        """``-sum(M * err) / sum(M)`` per image of ``images`` ``[B, 3, H, W]``, differentiable; NaN where the region
+        is empty."""
+        x = images.float()
+        gt = column_batch(columns, "target", x, self.name)
+        check_same_size(x, gt, "completion", "target", self.name)
+        diff = x - gt
+        err = (diff.square() if self.error == "l2" else diff.abs()).mean(dim=1)
+        mask = column_batch(columns, "mask", x, self.name, channels=1, required=False)
+        if mask is None:
+            m = torch.ones_like(err)
+        else:
+            check_same_size(x, mask, "completion", "mask", self.name)
+            m = mask[:, 0].clamp(0.0, 1.0)
+        if self.region == "outside":
+            m = 1.0 - m
+        area = m.flatten(1).sum(1)
+        score = -(m * err).flatten(1).sum(1) / area.clamp(min=1e-12)
+        return torch.where(area > 0, score, torch.full_like(score, float("nan")))

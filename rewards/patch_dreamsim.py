@@ -30,7 +30,8 @@ without ``XDG_CACHE_HOME``; :func:`default_cache_dir`). Tests and the benchmark 
 same layout and random weights (``tests/dreamsim_cache.py``) and load it through the same ``dreamsim.dreamsim(...)``
 call as a real run. :meth:`PatchDreamSim.from_model` injects a prebuilt model.
 The model is built outside ZeRO-3 partitioning (:func:`outside_zero3_init`), frozen, and run under
-``torch.inference_mode``.
+``torch.inference_mode``; :meth:`PatchDreamSim.score_tensors` runs the same computation with gradient into the sample
+(reward-gradient training; the model's weights are differentiated through, never trained).
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ class PatchDreamSim(Reward):
     required_fields = ("target",)
     optional_fields = ("mask",)
     provides_maps = True
+    differentiable = True
 
     def __init__(
         self,
@@ -287,21 +289,26 @@ class PatchDreamSim(Reward):
         return 1.0 - F.cosine_similarity(e[: x.shape[0]], e[x.shape[0] :], dim=-1)
 
     # -- scoring ------------------------------------------------------------------------------------
-    def score_maps(self, prompts: Sequence[str], completions: Sequence[Any], **columns):
-        n = len(completions)
-        jobs = []  # (sample index, sample image, other image, patches, weights)
+    def _jobs(self, completions: Sequence[Any], columns: dict) -> list[tuple]:
+        """``(sample index, sample image, other image, patches, weights)`` for each sample that can be scored."""
+        jobs = []
         for i, completion in enumerate(completions):
             x = as_image_tensor(completion).to(self.device)
             other = required_value(columns, self.compare_to, i, self.name)
-            y = as_image_tensor(other).to(self.device)
+            y = as_image_tensor(other).detach().to(self.device)
             check_same_size(x, y, "completion", self.compare_to, self.name)
             mask = column_value(columns, "mask", i)
             if mask is not None:
-                mask = as_image_tensor(mask, channels=1)
+                mask = as_image_tensor(mask, channels=1).detach().cpu()
                 check_same_size(x, mask, "completion", "mask", self.name)
             selected = self.select_patches(x.shape[-2], x.shape[-1], mask)
             if selected is not None:
                 jobs.append((i, x, y, *selected))
+        return jobs
+
+    def score_maps(self, prompts: Sequence[str], completions: Sequence[Any], **columns):
+        n = len(completions)
+        jobs = self._jobs(completions, columns)
 
         # Every patch of every sample, in chunks of batch_size pairs: crops are made per chunk so memory stays
         # bounded by the chunk, not by the batch.
@@ -328,3 +335,24 @@ class PatchDreamSim(Reward):
 
     def score(self, prompts: Sequence[str], completions: Sequence[Any], **columns) -> list[float | None]:
         return self.score_maps(prompts, completions, **columns)[0]
+
+    def score_tensors(self, images: torch.Tensor, columns: dict) -> torch.Tensor:
+        """The patch-mean (or area-weighted) ``1 - distance`` per image of ``images`` ``[B, 3, H, W]``,
+        differentiable through the crops, their resize and DreamSim (frozen); NaN where the mask is empty."""
+        out = torch.full((images.shape[0],), float("nan"), device=images.device)
+        for i, x, y, patches, weights in self._jobs(list(images), columns):
+            boxes = [p.content for p in patches]
+            a, b = crop_resize(x, boxes, DREAMSIM_SIZE), crop_resize(y, boxes, DREAMSIM_SIZE)
+            dist = torch.cat(
+                [
+                    self._distance(a[s : s + self.batch_size].to(self.dtype), b[s : s + self.batch_size].to(self.dtype))
+                    .float()
+                    .reshape(-1)
+                    for s in range(0, a.shape[0], self.batch_size)
+                ]
+            )
+            w = weights.to(dist.device)
+            out = out.index_put(
+                (torch.tensor([i], device=out.device),), (((1.0 - dist) * w).sum() / w.sum()).to(out.device)
+            )
+        return out

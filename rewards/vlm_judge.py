@@ -18,12 +18,15 @@ How P(Yes) is read (``prob``):
   renormalised over the Yes and No tokens only.
 - ``softmax``: ``sum_yes softmax(l)``, the mass on Yes over the whole vocabulary.
 
-Tokens: "Yes" right after ``<|im_start|>assistant\\n`` is one token in Qwen's byte-level BPE, and so is
-" Yes" (with a leading space, "ĠYes"). The local backend takes the id of every word in ``yes_words`` /
-``no_words`` (default ``["Yes", " Yes"]`` / ``["No", " No"]``) that the tokenizer encodes as exactly one
-token, and sums over them; words that split into several tokens are skipped. The server backend matches
-``top_logprobs`` entries whose token text, with whitespace (and a byte-level "Ġ" or sentencepiece "▁")
-stripped, equals a stripped yes/no word.
+Tokens: the local backend sums over the words of ``yes_words`` / ``no_words`` (default ``["Yes", " Yes"]`` /
+``["No", " No"]``) that the tokenizer encodes as one token (none at all: a ConfigError at start-up); the server
+backend matches ``top_logprobs`` tokens equal to a word once whitespace, "Ġ" and "▁" are stripped.
+
+A judge trained by ``refiner-rl reward-model`` (:mod:`refiner_rl.onereward`) is asked what it was trained on: its
+``onereward.json`` (read from ``model_name_or_path``, or ``judge_config`` for the server backend) gives the task's
+dimensions, context images (``reference``, ``source`` = the draft column, ``mask``, shown before A and B), question
+and answer words, unless the recipe sets them. Pairwise and local, it is differentiable: :meth:`VLMJudge.score_tensors`
+(``compare_to: baseline`` compares with the reward-gradient trainer's reference images).
 
 Backends (the model, client and question code is :mod:`refiner_rl.vlm`; this file is only the reward):
 
@@ -65,14 +68,17 @@ from typing import Any
 
 import torch
 
+from refiner_rl.errors import RewardError
+from refiner_rl.onereward.templates import CONTEXT_FIELDS, CONTEXT_LABELS, judge_settings
 from refiner_rl.scoring import loop
-from refiner_rl.scoring.base import Reward, column_value, to_pil
+from refiner_rl.scoring.base import BASELINE_FIELD, Reward, as_image_tensor, column_value, to_pil
 from refiner_rl.scoring.registry import register_reward
 from refiner_rl.vlm.client import ChatClient, ServerSettings, first_token_top_logprobs
 from refiner_rl.vlm.local import LocalVLM
 from refiner_rl.vlm.questions import (
     DIMENSIONS,
     TASKS,
+    answer_token_ids,
     build_conversation,
     build_query,
     check_template,
@@ -90,8 +96,8 @@ class VLMJudge(Reward):
 
     Options:
 
-    *The question*: ``mode`` (``pointwise`` | ``pairwise``), ``compare_to`` (``draft`` | ``reference``: the
-    image B of pairwise mode), ``both_orders``, ``task`` (``refine`` | ``fill`` | ``extend`` | ``removal``, or
+    *The question*: ``mode`` (``pointwise`` | ``pairwise``), ``compare_to`` (``draft`` | ``reference`` |
+    ``baseline``: the image B of pairwise mode), ``both_orders``, ``context``, ``judge_config``, ``task`` (``refine`` | ``fill`` | ``extend`` | ``removal``, or
     your own with ``task_description``), ``dimension`` (one or a list of ``structure``, ``consistency``,
     ``text_alignment``, ``aesthetics``, ``detail_fidelity``, ``removal_quality``, or your own with
     ``dimension_description``), ``include_prompt`` (``auto`` | ``always`` | ``never``), ``template``,
@@ -110,6 +116,7 @@ class VLMJudge(Reward):
 
     name = "vlm_judge"
     required_fields = ("draft",)  # of the default options; set per instance in __init__
+    differentiable = True  # pairwise, local backend (set per instance in __init__): score_tensors
 
     def __init__(
         self,
@@ -117,15 +124,17 @@ class VLMJudge(Reward):
         compare_to: str = "draft",
         both_orders: bool = False,
         task: str = "refine",
-        dimension: str | Sequence[str] = "detail_fidelity",
+        dimension: str | Sequence[str] | None = None,
         include_prompt: str = "auto",
         template: str | None = None,
         task_description: str | None = None,
         dimension_description: str | None = None,
         system_prompt: str | None = None,
-        prob: str = "yes_no",
-        yes_words: Sequence[str] = ("Yes", " Yes"),
-        no_words: Sequence[str] = ("No", " No"),
+        context: Sequence[str] | None = None,
+        judge_config: str | None = None,
+        prob: str | None = None,
+        yes_words: Sequence[str] | None = None,
+        no_words: Sequence[str] | None = None,
         backend: str = "local",
         model_name_or_path: str | None = None,
         torch_dtype: str | None = None,
@@ -146,9 +155,26 @@ class VLMJudge(Reward):
         **base_kwargs,
     ):
         super().__init__(**base_kwargs)
+        trained = judge_settings(judge_config or (model_name_or_path if backend == "local" else None), judge_config)
+        trained_task = trained.tasks.get(task) if trained else None
+        if trained_task:  # a judge trained with refiner-rl reward-model: ask what it was trained on
+            dimension = dimension or trained_task["dimensions"]
+            task_description = task_description or trained_task["description"]
+            template = template or (trained.template if mode == "pairwise" else None)
+            context = trained_task.get("context", []) if context is None else context
+        if trained:
+            prob, yes_words, no_words = (
+                prob or trained.extra.get("prob"),
+                yes_words or trained.extra.get("yes_words"),
+                no_words or trained.extra.get("no_words"),
+            )
+        self.dimension_descriptions = dict(trained.dimensions) if trained else dict(DIMENSIONS)
+        dimension, prob = dimension or "detail_fidelity", prob or "yes_no"
+        yes_words, no_words = yes_words or ("Yes", " Yes"), no_words or ("No", " No")
+        self.context = list(context or [])
         choices = {
             "mode": (mode, ("pointwise", "pairwise")),
-            "compare_to": (compare_to, ("draft", "reference")),
+            "compare_to": (compare_to, ("draft", "reference", BASELINE_FIELD)),
             "include_prompt": (include_prompt, ("auto", "always", "never")),
             "prob": (prob, ("yes_no", "softmax")),
             "backend": (backend, ("local", "server")),
@@ -164,9 +190,15 @@ class VLMJudge(Reward):
                 f"vlm_judge: unknown `task: {task}`; known: {', '.join(TASKS)} (or set `task_description`)"
             )
         for dim in self.dimensions:
-            if dim not in DIMENSIONS and not dimension_description:
+            if dim not in self.dimension_descriptions and not dimension_description:
                 raise ValueError(
-                    f"vlm_judge: unknown `dimension: {dim}`; known: {', '.join(DIMENSIONS)} (or set `dimension_description`)"
+                    f"vlm_judge: unknown `dimension: {dim}`; known: {', '.join(self.dimension_descriptions)} (or set "
+                    "`dimension_description`)"
+                )
+        for item in self.context:
+            if item not in CONTEXT_FIELDS or mode != "pairwise":
+                raise ValueError(
+                    f"vlm_judge: `context: {item}`: use any of {', '.join(CONTEXT_FIELDS)} (pairwise mode)"
                 )
         if template is not None:
             check_template(template)
@@ -181,7 +213,8 @@ class VLMJudge(Reward):
         )
         self.prob, self.yes_words, self.no_words = prob, list(yes_words), list(no_words)
         self.backend = backend
-        self.required_fields = (compare_to,) if mode == "pairwise" else ()
+        self.required_fields = (compare_to, *(self._column(c) for c in self.context)) if mode == "pairwise" else ()
+        self.differentiable = backend == "local" and mode == "pairwise"
 
         if backend == "local":
             if not model_name_or_path:
@@ -202,15 +235,9 @@ class VLMJudge(Reward):
                 max_pixels=max_pixels,
             )
             self.batch_size = int(batch_size)
-            self.yes_ids, self.no_ids = (
-                self.vlm.single_token_ids(self.yes_words),
-                self.vlm.single_token_ids(self.no_words),
+            self.yes_ids, self.no_ids = answer_token_ids(
+                self.vlm.tokenizer, self.yes_words, self.no_words, f"vlm_judge's {model_name_or_path}"
             )
-            if not self.yes_ids or not self.no_ids or set(self.yes_ids) & set(self.no_ids):
-                raise ValueError(
-                    f"vlm_judge: the tokenizer of {model_name_or_path} has no single-token id for some of "
-                    f"yes_words={self.yes_words} / no_words={self.no_words} (or they overlap); set words it encodes as one token"
-                )
         else:
             if not base_url:
                 raise ValueError("vlm_judge: `backend: server` needs `base_url`, e.g. http://localhost:8000/v1")
@@ -246,20 +273,31 @@ class VLMJudge(Reward):
             include_prompt=self.include_prompt,
             template=self.template,
             task_description=self.task_description,
-            dimension_description=self.dimension_description,
+            dimension_description=self.dimension_description or self.dimension_descriptions.get(dimension),
         )
 
-    def conversations(self, prompt: str, sample: Any, other: Any = None) -> list[list[dict]]:
-        """The chats asked for one sample: per dimension, (A, B) then, with ``both_orders``, (B, A)."""
-        sample = to_pil(sample)
-        other = to_pil(other) if self.mode == "pairwise" else None
+    @staticmethod
+    def _column(field: str) -> str:
+        """The batch column a context image comes from (the project's draft is the edit's source)."""
+        return "draft" if field == "source" else field
+
+    def conversations(
+        self, prompt: str, sample: Any, other: Any = None, context: Sequence[Any] = (), pil: bool = True
+    ) -> list[list[dict]]:
+        """The chats asked for one sample: per dimension, (A, B) then, with ``both_orders``, (B, A); the
+        ``context`` images (one per ``self.context`` field) come first. ``pil=False`` keeps tensors (and their
+        gradient) for :meth:`score_tensors`."""
+        image = to_pil if pil else (lambda x: as_image_tensor(x))
+        sample = image(sample)
+        other = image(other) if self.mode == "pairwise" else None
+        shown = [(CONTEXT_LABELS[f], image(c)) for f, c in zip(self.context, context)]
         orders = (
             [[sample]]
             if other is None
             else ([[sample, other], [other, sample]] if self.both_orders else [[sample, other]])
         )
         return [
-            build_conversation(self.query(dim, prompt), images, self.system_prompt)
+            build_conversation(self.query(dim, prompt), images, self.system_prompt, shown)
             for dim in self.dimensions
             for images in orders
         ]
@@ -306,14 +344,15 @@ class VLMJudge(Reward):
                     f"got: {', '.join(sorted(columns)) or 'none'}. Use `mode: pointwise` to judge the sample alone."
                 )
             others = [column_value(columns, self.compare_to, i) for i in range(len(completions))]
+        contexts = self._contexts(len(completions), columns)
         chats: list[list[dict]] = []
         owner: list[int] = []
         unreadable: list[str] = []
         for i, (prompt, sample, other) in enumerate(zip(prompts, completions, others)):
-            if sample is None or (self.mode == "pairwise" and other is None):
+            if sample is None or (self.mode == "pairwise" and other is None) or None in contexts[i]:
                 continue
             try:
-                convs = self.conversations(prompt, sample, other)
+                convs = self.conversations(prompt, sample, other, contexts[i])
             except Exception as err:  # noqa: BLE001 - an unreadable image scores None
                 unreadable.append(f"{i} ({err})")
                 continue
@@ -322,6 +361,57 @@ class VLMJudge(Reward):
         if unreadable:
             logger.warning("vlm_judge: cannot read the images of sample(s) %s", ", ".join(unreadable))
         return chats, owner
+
+    def _contexts(self, n: int, columns: dict) -> list[list[Any]]:
+        """Per sample, its context images (``None`` where the record has none); a ValueError naming the column
+        when the batch has none at all."""
+        for field in self.context:
+            if columns.get(self._column(field)) is None:
+                raise ValueError(
+                    f"vlm_judge (context: {field}) needs the `{self._column(field)}` column; got: "
+                    f"{', '.join(sorted(columns)) or 'none'}"
+                )
+        return [[column_value(columns, self._column(f), i) for f in self.context] for i in range(n)]
+
+    def score_tensors(self, images: torch.Tensor, columns: dict) -> torch.Tensor:
+        """Differentiable pairwise score ``[B]`` of ``images`` ``[B, 3, H, W]`` in [0, 1] against
+        ``columns[compare_to]`` (with ``compare_to: baseline``, the reward-gradient trainer's reference images):
+        the same questions and P(Yes) as :meth:`score`, with the image processor done in torch
+        (:meth:`refiner_rl.vlm.LocalVLM.encode_tensors`), so the gradient of P(Yes) reaches the pixels. NaN where
+        the sample's comparison or context image is missing."""
+        if not self.differentiable:
+            raise RewardError(
+                "vlm_judge: score_tensors needs `backend: local` and `mode: pairwise` (a server returns no gradient)"
+            )
+        n = images.shape[0]
+        if columns.get(self.compare_to) is None:
+            raise RewardError(f"vlm_judge (compare_to: {self.compare_to}) needs the `{self.compare_to}` column")
+        prompts = columns.get("prompt") or columns.get("prompts") or [""] * n
+        contexts = self._contexts(n, columns)
+        chats, owner = [], []
+        for i in range(n):
+            other = column_value(columns, self.compare_to, i)
+            if other is None or None in contexts[i]:
+                continue
+            other = as_image_tensor(other).detach()
+            convs = self.conversations(
+                prompts[i], images[i], other, [as_image_tensor(c) for c in contexts[i]], pil=False
+            )
+            chats += convs
+            owner.append(i)
+        out = torch.full((n,), float("nan"), device=images.device)
+        if not chats:
+            return out
+        logits = torch.cat(
+            [
+                self.vlm.answer_logits(self.vlm.encode_tensors(chats[k : k + self.batch_size]))
+                for k in range(0, len(chats), self.batch_size)
+            ]
+        )
+        p = p_yes_from_logits(logits, self.yes_ids, self.no_ids, self.prob).view(len(owner), -1)
+        if self.both_orders:  # (A, B), (B, A) per dimension
+            p = (p[:, 0::2] + 1.0 - p[:, 1::2]) / 2.0
+        return out.index_put((torch.tensor(owner, device=images.device),), p.mean(-1).to(images.device))
 
     def _combine(self, n: int, owner: list[int], probs: list[float | None]) -> list[float | None]:
         """Per sample: the mean over dimensions (of the order-averaged P(Yes)); ``None`` if any question failed."""

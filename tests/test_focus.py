@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from refiner_rl.errors import ConfigError, DataError
-from refiner_rl.focus import crop_batch, feather_weights, focus_boxes, focus_crop, paste_back_feathered
+from refiner_rl.focus import FocusSettings, crop_batch, feather_weights, focus_boxes, focus_crop, paste_back_feathered
 
 H, W = 37, 45  # odd sizes on purpose
 
@@ -143,3 +143,62 @@ def test_focus_crop_returns_both_forms_and_checks_boxes():
         paste_back_feathered(batch["draft"], refined, torch.tensor([40, 0, 50, 8]))
     with pytest.raises(DataError, match=r"crop boxes must be \[1, 4\]"):
         crop_batch(batch, torch.tensor([[0, 0, 8, 8], [0, 0, 8, 8]]), 8)
+
+
+def test_crop_maps_cut_patch_maps_at_the_boxes_by_hand():
+    # a 16x16 image, box (4, 4)-(12, 12) refined at 8 px; reward maps of 4-px patches are 4x4: the box covers
+    # patches 1..2 in each direction, and the crop's grid at the same scale is 8 * 4 / 16 = 2 patches a side
+    mask = _mask((5, 5, 11, 11), h=16, w=16)
+    batch = _batch(mask)
+    batch = {k: (v[..., :16, :16] if k in ("draft", "target") else v) for k, v in batch.items()}
+    fc = crop_batch(batch, torch.tensor([[4, 4, 12, 12]]), 8)
+    maps = torch.arange(16.0).reshape(1, 4, 4)
+    maps[0, 2, 2] = float("nan")
+    out = fc.crop_maps(maps)
+    assert out.shape == (1, 2, 2)
+    torch.testing.assert_close(out, maps[:, 1:3, 1:3], equal_nan=True)
+
+
+def test_focus_settings_crop_score_forms_and_errors():
+    # masks touching the border on odd sizes; the working size defaults to the shorter side rounded down (37 -> 36)
+    mask = _mask((0, 30, 9, H), (38, 2, W, 12))
+    batch = _batch(mask)
+    settings = FocusSettings(margin=0.25, feather=2.0)
+    fc = settings.crop(batch, multiple=4)
+    assert fc.batch["draft"].shape == (2, 3, 36, 36) and fc.batch["reference"] is batch["reference"]
+    for (x0, y0, x1, y1), region in zip(fc.boxes.tolist(), ((0, 30, 9, H), (38, 2, W, 12))):
+        assert 0 <= x0 <= region[0] and region[2] <= x1 <= W and 0 <= y0 <= region[1] and region[3] <= y1 <= H
+    refined = torch.rand(2, 3, 36, 36)
+    full, full_batch = fc.scored(refined, settings)
+    assert full.shape == (2, 3, H, W) and full_batch is batch
+    torch.testing.assert_close(full, fc.paste_back(refined, 2.0)[0])
+    crop, crop_batch_ = fc.scored(refined, FocusSettings(score_on="crop"))
+    assert crop is refined and crop_batch_ is fc.batch
+    with pytest.raises(ConfigError, match="focus_size 30 must be a positive multiple of 16"):
+        FocusSettings(size=30).crop(batch, multiple=16)
+    with pytest.raises(ConfigError, match="score_on 'tile' is not one of full, crop"):
+        FocusSettings(score_on="tile")
+    with pytest.raises(ConfigError, match="crop_reference=true needs ref_boxes"):
+        FocusSettings(crop_reference="true").crop(batch, multiple=4)
+    given = {**batch, "ref_box": torch.tensor([[0, 0, 40, 40], [10, 10, 50, 50]])}
+    assert FocusSettings(crop_reference="true").crop(given, 4).ref_boxes.tolist() == given["ref_box"].tolist()
+
+
+def test_sampling_in_focus_keeps_the_draft_outside_the_box():
+    from refiner_rl.data import collate_triplets
+    from refiner_rl.sampling import sample_images
+    from tests.helpers import small_policy, synthetic_dataset
+
+    policy = small_policy()
+    ds = synthetic_dataset(2, size=32)
+    batch = collate_triplets([ds[0], ds[1]])
+    focus = FocusSettings(size=16, margin=0.125, feather=2.0)
+    out = sample_images(policy, batch, num_steps=2, seed=0, focus=focus)
+    fc = focus.crop(batch, 4)
+    assert out.shape == batch["draft"].shape
+    crop_out = sample_images(policy, fc.batch, num_steps=2, seed=0)  # the same noise on the crop
+    torch.testing.assert_close(out, fc.paste_back(crop_out, 2.0)[0])
+    for i, (x0, y0, x1, y1) in enumerate(fc.boxes.tolist()):
+        outside = torch.ones(32, 32, dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        assert torch.equal(out[i][:, outside], batch["draft"][i][:, outside])

@@ -169,6 +169,7 @@ def test_a_model_name_and_a_peft_config(tmp_path):
 
 
 def test_evaluate_leaves_out_samples_no_reward_scored(tmp_path):
+    from refiner_rl.distributed import keyed_generator
     from refiner_rl.evaluation import evaluate
     from refiner_rl.sampling import sample_images
     from refiner_rl.scoring import build_reward_funcs
@@ -178,7 +179,8 @@ def test_evaluate_leaves_out_samples_no_reward_scored(tmp_path):
     from refiner_rl.data import collate_triplets
 
     batch = collate_triplets([ds[i] for i in range(4)])
-    images = sample_images(policy, batch, num_steps=2, seed=0, micro_batch=4)
+    gens = [keyed_generator(0, i) for i in range(4)]  # evaluate keys each record's noise by (seed, record)
+    images = sample_images(policy, batch, num_steps=2, generators=gens, micro_batch=4)
     b = torch.tensor(rf.brightness(None, [to_pil(im) for im in images]))
     odd = batch["index"] % 2 == 1
     assert res["rewards/odd_records_only/failed_frac"] == 0.5

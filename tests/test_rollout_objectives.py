@@ -105,3 +105,132 @@ def test_guard_log_ratio_is_zero_at_the_old_policy_and_the_same_at_every_noise_l
     torch.testing.assert_close(normalised[0], normalised[1], rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(normalised[0], (z * delta).flatten(1).mean(1), rtol=1e-3, atol=1e-6)
     assert raw[0].std() > 5 * raw[1].std()  # the raw log-ratio spreads as 1 / s: clipping would act unevenly
+
+
+def test_nft_at_the_rollout_policy_is_flow_matching_weighted_by_the_advantage():
+    # v_theta = v_old makes v+ = v- (= v_old): there the gradient is beta (2r - 1) times plain flow matching's
+    # gradient t^2 ||v - (eps - x0)||^2, i.e. flow matching towards the sample weighted by A / A_max
+    g = torch.Generator().manual_seed(3)
+    x0, eps, v_old = (torch.randn(3, 4, 2, generator=g) for _ in range(3))
+    t = torch.tensor([0.1, 0.4, 0.6])
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+    adv, a_max, beta = torch.tensor([2.0, -1.0, 0.0]), 4.0, 0.3
+    v = v_old.clone().requires_grad_()
+    (g_nft,) = torch.autograd.grad(nft_loss(v, v_old, x_t, x0, t, adv, beta, a_max).sum(), v)
+    v_fm = v_old.clone().requires_grad_()
+    (g_fm,) = torch.autograd.grad((t**2 * (v_fm - (eps - x0)).pow(2).mean(dim=(1, 2))).sum(), v_fm)
+    r = adv / (2 * a_max) + 0.5
+    torch.testing.assert_close(g_nft, beta * (2 * r - 1)[:, None, None] * g_fm)
+    assert g_nft[2].abs().max() < 1e-7  # A = 0: no pull either way (round-off only)
+
+
+def test_per_token_advantages_give_per_token_losses():
+    g = torch.Generator().manual_seed(4)
+    v, v_old, target = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
+    tok_adv = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -2.0]])
+    loss, clip = awm_loss(v, v_old, target, tok_adv, 10.0, 10.0)
+    e = (v - target).pow(2).mean(-1)
+    e_old = (v_old - target).pow(2).mean(-1)
+    torch.testing.assert_close(loss, -tok_adv * torch.exp(-(e - e_old)))
+    x_t, x0, t = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g), torch.tensor([0.3, 0.5])
+    per_tok = nft_loss(v, v_old, x_t, x0, t, tok_adv, 0.5, 2.0)
+    assert per_tok.shape == (2, 3)
+    # a token's loss depends only on its own advantage: equal advantages reproduce the per-sample loss
+    same = nft_loss(v, v_old, x_t, x0, t, torch.ones(2, 3), 0.5, 2.0).mean(1)
+    torch.testing.assert_close(same, nft_loss(v, v_old, x_t, x0, t, torch.ones(2), 0.5, 2.0))
+
+
+# ---------------------------------------------------------------------------------------------- in the trainer
+def _trainer(tmp_path, **kw):
+    """tests/test_grpo_invariant.py's trainer (a perturbed LoRA, two groups of 2, beta 0.01) from the noised draft."""
+    from tests.test_grpo_invariant import _trainer as invariant_trainer
+
+    return invariant_trainer(tmp_path, True, start_sigma=0.6, num_inference_steps=3, **kw)
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+@pytest.mark.parametrize("sampling", ["uniform", "schedule"])
+def test_renoised_inputs_hold_the_old_velocity_with_the_rollout_conditions(tmp_path, objective, sampling):
+    trainer = _trainer(tmp_path, objective=objective, train_timesteps=3, train_timestep_sampling=sampling)
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = trainer._prepare_inputs(batch)
+    assert "old_log_probs" not in inputs and trainer.num_terms(inputs) == 3
+    t = inputs["timesteps"]
+    assert t.shape == (2, 3) and bool((t >= 0).all()) and bool((t <= 0.6 + 1e-6).all())
+    if sampling == "schedule":  # distinct noise levels of the rollout's own schedule
+        assert all(len(set(row.tolist())) == 3 and set(row.tolist()) <= set(inputs["sigmas"].tolist()) for row in t)
+    # the group's samples differ (each its own noise), and v_old is the rollout policy's velocity on x_t
+    assert (inputs["x0"][0] - inputs["x0"][1]).abs().max() > 1e-4
+    from refiner_rl.trainers.objectives import renoise
+
+    with torch.no_grad():
+        x_t = renoise(inputs["x0"], inputs["noise"][:, 1], t[:, 1])
+        v = trainer.policy.velocity(x_t, t[:, 1], inputs["cond"], transformer=trainer.model)
+    torch.testing.assert_close(v, inputs["v_old"][:, 1], rtol=1e-5, atol=1e-6)
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    assert torch.isfinite(loss) and loss.requires_grad
+    m = trainer._metrics["train"]
+    assert m["kl"][-1] > 0  # the perturbed LoRA moved away from its reference
+    if objective == "awm":  # before any update the policy is the old one: ratio 1, nothing clipped
+        assert abs(m["ratio"][-1] - 1.0) < 1e-6 and m["clip_ratio/region_mean"][-1] == 0.0
+
+
+def test_old_policy_ema_takes_the_old_velocity_from_the_ema_weights(tmp_path):
+    from refiner_rl.trainers.objectives import renoise
+
+    trainer = _trainer(tmp_path, objective="nft", old_policy="ema", ema_decay=0.5)
+    for name in trainer.ema.names:  # an EMA that differs from the live weights: the LoRA switched off
+        if "lora_B" in name:
+            trainer.ema.shadow[name].zero_()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    t, x_t = inputs["timesteps"][:, 0], renoise(inputs["x0"], inputs["noise"][:, 0], inputs["timesteps"][:, 0])
+    with torch.no_grad():
+        live = trainer.policy.velocity(x_t, t, inputs["cond"], transformer=trainer.model)
+        with trainer.policy.adapter_disabled(trainer.model):
+            base = trainer.policy.velocity(x_t, t, inputs["cond"], transformer=trainer.model)
+    torch.testing.assert_close(inputs["v_old"][:, 0], base, rtol=1e-5, atol=1e-6)
+    assert (inputs["v_old"][:, 0] - live).abs().max() > 1e-3  # and the live weights were restored afterwards
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.policy.velocity(x_t, t, inputs["cond"], transformer=trainer.model), live)
+
+
+def test_grpo_guard_ratio_is_one_before_the_update_and_training_runs(tmp_path):
+    trainer = _trainer(tmp_path, ratio_normalization=True, spatial_advantage_mix=1.0)
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = trainer._prepare_inputs(batch)
+    assert inputs["old_means"].shape == inputs["states"].shape
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    assert torch.isfinite(loss) and abs(trainer._metrics["train"]["ratio"][-1] - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(objective="ppo"), "`objective` must be one of grpo, nft, awm"),
+        (dict(objective="nft", shared_initial_noise=True), "set it to false"),
+        (dict(objective="awm", ratio_normalization=True), "applies to `objective: grpo` only"),
+        (dict(objective="nft", old_policy="ema"), "needs `ema_decay` > 0"),
+        (dict(objective="nft", adv_clip_max=None), "needs `adv_clip_max` > 0"),
+        (dict(objective="awm", train_timestep_sampling="schedule", train_timesteps=5), "distinct sigmas"),
+    ],
+)
+def test_objective_settings_are_checked(kw, message):
+    from refiner_rl.errors import ConfigError
+    from refiner_rl.trainers.grpo_config import FlowGRPOConfig
+
+    with pytest.raises(ConfigError, match=message):
+        FlowGRPOConfig(output_dir="unused", report_to="none", use_cpu=True, num_inference_steps=4, **kw)
+
+
+def test_the_objective_is_a_command_line_flag():
+    from refiner_rl.cli.train import parse_recipe
+    from refiner_rl.configs import DataArguments, ModelArguments
+    from refiner_rl.trainers.grpo_config import FlowGRPOConfig
+
+    *_, cfg = parse_recipe(
+        (ModelArguments, DataArguments, FlowGRPOConfig),
+        ["--objective", "nft", "--output_dir", "unused", "--report_to", "none", "--use_cpu", "true"],
+    )
+    assert cfg.objective == "nft" and cfg.shared_initial_noise is False  # ODE rollouts: each sample its own noise

@@ -152,3 +152,19 @@ def test_written_dataset_keeps_the_geometry_fields(tmp_path, monkeypatch):
     assert rows[0]["ref_geometry"] == "view" and rows[0]["reference"] == "syn-3-0_reference.png"
     ds = TripletDataset.from_source(path, multiple=4)
     assert ds.record(1)["ref_box"] == records[1]["ref_box"] and ds[1]["draft"].shape == (3, 32, 32)
+
+
+def test_shift_step_pans_by_whole_steps():
+    records = synthetic_records(40, seed=3, size=32, geometry="shifted", shift_step=4)
+    pans = {(r["ref_transform"][2], r["ref_transform"][5]) for r in records}
+    # whole 4-px steps within the 8-px pan (a quarter of 32), never the aligned position; the region stays in view
+    assert all(dx % 4 == 0 and dy % 4 == 0 and abs(dx) <= 8 and abs(dy) <= 8 for dx, dy in pans) and len(pans) > 8
+    assert (0, 0) not in pans
+    for r in records:
+        x0, y0, x1, y1 = _region(r)
+        dx, dy = int(r["ref_transform"][2]), int(r["ref_transform"][5])
+        np.testing.assert_array_equal(
+            _arr(r["reference"])[y0 + dy : y1 + dy, x0 + dx : x1 + dx], _arr(r["target"])[y0:y1, x0:x1]
+        )
+    with pytest.raises(ConfigError, match="shift_step must be a whole number of pixels >= 1, got 0"):
+        synthetic_records(1, geometry="shifted", shift_step=0)

@@ -1,16 +1,18 @@
 """``refiner-rl demo``: the embedded default, end to end on a CPU.
 
-1. make synthetic triplets with fine detail (train + held-out);
+1. make synthetic triplets with fine detail: training triplets whose reference is shifted or zoomed (the recipe's
+   ``synthetic_geometry``) and one held-out set per reference geometry (aligned, shifted, zoomed);
 2. check the codec reconstructs them (PSNR);
 3. SFT the tiny editor (``recipes/tiny/sft.yaml``), write its checkpoint, log to W&B (offline without an
    API key);
 4. GRPO with a LoRA on the SFT transformer (``recipes/tiny/grpo.yaml``) unless ``--skip-grpo``;
-5. write a PNG grid draft | reference | output | target and print a before/after table on held-out triplets.
+5. write a PNG grid draft | reference | output | target and print a before/after table per reference geometry.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,12 +32,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def _table(rows: list[tuple[str, dict]]) -> str:
-    head = f"{'':<34}{'MSE in mask':>13}{'MSE outside':>13}{'in / draft':>12}"
-    lines = [head, "-" * len(head)]
-    for label, r in rows:
-        lines.append(f"{label:<34}{r['mse_output_in']:>13.5f}{r['mse_output_out']:>13.5f}{r['mse_in_ratio']:>12.3f}")
-    return "\n".join(lines)
+GEOMETRIES = ("aligned", "shifted", "zoomed")  # one held-out set each
+
+
+def _evaluate_each(evaluate, policy, held_out: dict, **sampler) -> dict:
+    """``evaluate`` on every held-out set: {geometry: metrics}."""
+    return {g: evaluate(policy, ds, **sampler) for g, ds in held_out.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -70,30 +72,34 @@ def main(argv: list[str]) -> int:
     policy = build_policy(model_args, "cpu")
     multiple = policy.codec.downsample * 2
     train = data_args.build(multiple=multiple)
-    held_out = data_args.build(multiple=multiple, eval=True)
-    sample = collate_triplets([held_out[i] for i in range(min(8, len(held_out)))])
+    held_out = {
+        g: dataclasses.replace(data_args, synthetic_geometry=g).build(multiple=multiple, eval=True) for g in GEOMETRIES
+    }
+    shown = [held_out[g][i] for g in GEOMETRIES[1:] for i in range(4)]  # grid: 4 shifted and 4 zoomed references
+    sample = collate_triplets(shown)
     recon = policy.codec.decode(policy.codec.encode(sample["target"]))
     report["codec_psnr_db"] = psnr(recon, sample["target"])
     print(
-        f"\n[demo] {len(train)} training and {len(held_out)} held-out synthetic triplets; codec "
+        f"\n[demo] {len(train)} training triplets ({data_args.synthetic_geometry} references) and "
+        f"{' + '.join(str(len(d)) for d in held_out.values())} held-out ones ({', '.join(held_out)}); codec "
         f"{type(policy.codec).__name__} reconstructs them at PSNR {report['codec_psnr_db']:.1f} dB\n"
     )
 
     policy.transformer.eval()
-    before = evaluate(policy, held_out, num_steps=args.eval_steps)
+    before = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps)
     trainer = FlowSFTTrainer(policy, args=sft_cfg, train_dataset=train)
     trainer.train()
     trainer.save_model(sft_cfg.output_dir)
     trainer.save_state()
     policy.transformer.eval()
-    after_sft = evaluate(policy, held_out, num_steps=args.eval_steps)
-    after_sft_paste = evaluate(policy, held_out, num_steps=args.eval_steps, paste=True)
+    after_sft = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps)
+    after_sft_paste = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps, paste=True)
     report.update(
         sft_seconds=round(time.time() - t0, 1), before=before, after_sft=after_sft, after_sft_paste_back=after_sft_paste
     )
     rows = [
         ("random init", before),
-        ("draft (input)", _draft_row(before)),
+        ("draft (input)", {g: _draft_row(r) for g, r in before.items()}),
         ("after SFT", after_sft),
         ("after SFT + paste-back", after_sft_paste),
     ]
@@ -117,23 +123,23 @@ def main(argv: list[str]) -> int:
         g_model, g_data, g_cfg = parse_recipe((ModelArguments, DataArguments, FlowGRPOConfig), grpo_argv)
         g_policy = build_policy(g_model, "cpu")
         g_train = g_data.build(multiple=multiple)
-        g_trainer = FlowGRPOTrainer(g_policy, args=g_cfg, train_dataset=g_train, eval_dataset=held_out)
+        g_trainer = FlowGRPOTrainer(g_policy, args=g_cfg, train_dataset=g_train, eval_dataset=held_out["shifted"])
         # GRPO's sampler (start sigma, paste-back, CFG) and rewards: one evaluation gives the MSE row and the reward
         sampler = {**g_trainer.evaluation_settings(), "num_steps": args.eval_steps}
         g_policy.transformer.eval()
-        sft_same = evaluate(g_policy, held_out, **sampler)
+        sft_same = _evaluate_each(evaluate, g_policy, held_out, **sampler)
         rows.append((f"SFT, GRPO's sampler (start {g_cfg.start_sigma:g})", sft_same))
         g_trainer.train()
         g_trainer.save_model(g_cfg.output_dir)
         g_trainer.save_state()
         g_policy.transformer.eval()
-        after_grpo = evaluate(g_policy, held_out, **sampler)
+        after_grpo = _evaluate_each(evaluate, g_policy, held_out, **sampler)
         rows.append((f"after GRPO (start {g_cfg.start_sigma:g})", after_grpo))
         report.update(
             after_grpo=after_grpo,
             sft_with_grpo_sampler=sft_same,
-            held_out_reward_sft=_reward_part(sft_same),
-            held_out_reward_grpo=_reward_part(after_grpo),
+            held_out_reward_sft={g: _reward_part(r) for g, r in sft_same.items()},
+            held_out_reward_grpo={g: _reward_part(r) for g, r in after_grpo.items()},
         )
         images["grpo"] = sample_images(
             g_policy,
@@ -160,11 +166,15 @@ def main(argv: list[str]) -> int:
     report["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print("\n[demo] held-out triplets (MSE against the target, [0, 1] pixels):")
-    print(_table(rows))
+    print("\n[demo] held-out triplets per reference geometry (MSE against the target, [0, 1] pixels):")
+    from refiner_rl.evaluation import before_after_table  # the eval command's table code
+
+    for g in held_out:
+        print(f"\n{g} references:\n" + before_after_table([(label, by_geometry[g]) for label, by_geometry in rows]))
     if "held_out_reward_grpo" in report:
-        a, b = report["held_out_reward_sft"]["reward"], report["held_out_reward_grpo"]["reward"]
-        print(f"\n[demo] held-out composite reward: SFT {a:.5f} -> GRPO {b:.5f} ({_rel(a, b):+.1%})")
+        for g in held_out:
+            a, b = report["held_out_reward_sft"][g]["reward"], report["held_out_reward_grpo"][g]["reward"]
+            print(f"[demo] held-out composite reward, {g} references: SFT {a:.5f} -> GRPO {b:.5f} ({_rel(a, b):+.1%})")
     print(f"\n[demo] grid (draft | reference | {' | '.join(images)} | target): {grid_path}")
     print(f"[demo] checkpoints: {sft_cfg.output_dir}" + ("" if args.skip_grpo else f", {os.path.join(out, 'grpo')}"))
     print(f"[demo] report: {os.path.join(out, 'report.json')}; total {report['seconds']:.0f} s")

@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "sft": ("refiner_rl.cli.train", "sft_main", "supervised fine-tuning of the editor on triplets"),
     "grpo": ("refiner_rl.cli.train", "grpo_main", "GRPO on sampled groups of edits scored by reward plug-ins"),
+    "refl": ("refiner_rl.cli.refl", "main", "reward-gradient training (OneReward ReFL), frozen or EMA reference"),
     "demo": (
         "refiner_rl.cli.demo",
         "main",
@@ -25,8 +26,11 @@ COMMANDS = {
         "main",
         "list reward plug-ins, or score a folder of images with a recipe's rewards",
     ),
+    "eval": ("refiner_rl.cli.eval", "main", "compare the draft, the base editor and checkpoints on held-out metrics"),
     "planner": ("refiner_rl.agents.train", "planner_main", "train the edit planner VLM with TRL's GRPOTrainer"),
     "edit": ("refiner_rl.agents.cli", "edit_main", "plan an instruction into atomic edits and apply them one by one"),
+    "reward-model": ("refiner_rl.onereward.cli", "main", "train the OneReward VLM judge on preference pairs"),
+    "data": ("refiner_rl.cli.data", "main", "`data build`: make triplets from clean images (4 cached stages)"),
 }
 
 

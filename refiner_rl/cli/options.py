@@ -26,6 +26,11 @@ GROUPS = {
         ("data", "refiner_rl.configs", "DataArguments"),
         ("GRPO", "refiner_rl.trainers.grpo_config", "FlowGRPOConfig"),
     ],
+    "refl": [
+        ("model", "refiner_rl.configs", "ModelArguments"),
+        ("data", "refiner_rl.configs", "DataArguments"),
+        ("ReFL", "refiner_rl.trainers.refl_config", "FlowReFLConfig"),
+    ],
 }
 # Inherited options most runs set, with where their help text is: (module, class).
 TRAINING_ARGUMENTS = ("transformers.training_args", "TrainingArguments")

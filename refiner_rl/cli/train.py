@@ -24,6 +24,11 @@ STAGES = {
         "refiner_rl.trainers.grpo_trainer:FlowGRPOTrainer",
         "GRPO",
     ),
+    "refl": (
+        "refiner_rl.trainers.refl_config:FlowReFLConfig",
+        "refiner_rl.trainers.refl_trainer:FlowReFLTrainer",
+        "ReFL",
+    ),
 }
 
 

@@ -9,7 +9,8 @@ background holding the region's true detail) and the region's *mask*.
 Where the detail sits in the reference is the record's *geometry* (``geometry=``, one name or a mix):
 
 - ``aligned`` (default): at the region's own place (or jittered by up to ``ref_shift`` pixels);
-- ``shifted``: the reference view is panned by up to ``shift_fraction`` of the image, same scale;
+- ``shifted``: the reference view is panned by up to ``shift_fraction`` of the image, same scale, in multiples of
+  ``shift_step`` pixels (1 by default; the embedded default pans by its editor's 4-pixel tokens);
 - ``zoomed``: the reference is a crop around the region rescaled by a factor drawn from ``zoom_range`` (capped so
   the magnified region fits the image), sampled nearest so the detail stays sharp;
 - ``view``: another view: a mild perspective warp (each corner moved by up to ``warp`` of the image side) and a
@@ -20,8 +21,8 @@ Every record carries what was used: ``ref_geometry``; ``ref_transform``, the 3x3
 taking a target point ``(x, y, 1)`` to reference coordinates ``(x', y', w)`` (divide by ``w``; pixel ``k`` spans
 ``[k, k+1)``); ``ref_box`` ``[x0, y0, x1, y1]``, the reference pixels where the region's detail appears (clipped
 to the image); and ``ref_color`` ``[gain_r, gain_g, gain_b, bias_r, bias_g, bias_b]`` (bias in [0, 1] units).
-The default reference lines up with the target: docs/algorithms.md#the-tiny-default shows a tiny policy learns
-copying from an aligned reference in minutes on a CPU, while a zoomed, unaligned one needs far more.
+The default reference lines up with the target; the embedded default trains on shifted and zoomed ones
+(docs/algorithms.md#unaligned-references-and-region-focus).
 """
 
 from __future__ import annotations
@@ -178,14 +179,18 @@ def _render(canvas: np.ndarray, pad: int, t: np.ndarray, size: int) -> np.ndarra
     return canvas[y, x].reshape(size, size, 3)
 
 
-def _unaligned_transform(rng, kind: str, size: int, side: int, y0: int, x0: int, opts: dict) -> np.ndarray:
+def unaligned_transform(rng, kind: str, size: int, side: int, y0: int, x0: int, opts: dict) -> np.ndarray:
     """The target-to-reference matrix of one ``shifted``, ``zoomed`` or ``view`` record."""
-    if kind == "shifted":  # a pan keeping the whole region in view; never the aligned position
-        m = max(1, int(round(opts["shift_fraction"] * size)))
-        lo, hi = (max(-m, -x0), max(-m, -y0)), (min(m, size - side - x0), min(m, size - side - y0))
+    if kind == "shifted":  # a pan by a multiple of shift_step keeping the whole region in view; never aligned
+        m, q = max(1, int(round(opts["shift_fraction"] * size))), opts["shift_step"]
+        lo = [-((min(m, p)) // q) for p in (x0, y0)]
+        hi = [min(m, size - side - p) // q for p in (x0, y0)]
+        if all(lo[k] == 0 == hi[k] for k in (0, 1)):
+            lo, hi = [max(-m, -p) for p in (x0, y0)], [min(m, size - side - p) for p in (x0, y0)]
+            q = 1  # no room for a whole step: pan by pixels
         dx = dy = 0
         while dx == 0 and dy == 0:
-            dx, dy = (int(rng.integers(lo[k], hi[k] + 1)) for k in (0, 1))
+            dx, dy = (q * int(rng.integers(lo[k], hi[k] + 1)) for k in (0, 1))
         return np.array([[1.0, 0, dx], [0, 1.0, dy], [0, 0, 1]])
     if kind == "zoomed":  # window of side size/z inside the image, containing the region; region lands at (ox, oy)
         zmin, zmax = opts["zoom_range"]
@@ -208,6 +213,7 @@ def make_triplet(
     *,
     geometry: str | Sequence[str] | Mapping[str, float] = "aligned",
     shift_fraction: float = 0.25,
+    shift_step: int = 1,
     zoom_range: tuple[float, float] = (1.5, 2.0),
     warp: float = 0.08,
     color_jitter: float = 0.2,
@@ -216,7 +222,9 @@ def make_triplet(
 ) -> dict:
     """One synthetic record with PIL images (``target``, ``draft``, ``reference``, ``mask``) and the reference's
     geometry (module docstring). ``ref_shift`` jitters the ``aligned`` geometry only."""
-    opts = _check_options(size, region, geometry, shift_fraction, zoom_range, warp, color_jitter, degrade, textures)
+    opts = _check_options(
+        size, region, geometry, shift_fraction, shift_step, zoom_range, warp, color_jitter, degrade, textures
+    )
     probs = opts["geometry"]
     kind = next(iter(probs)) if len(probs) == 1 else str(rng.choice(list(probs), p=list(probs.values())))
     side = max(4, int(round(size * region)))
@@ -237,7 +245,7 @@ def make_triplet(
         pad = int(math.ceil(max(opts["shift_fraction"], opts["warp"]) * size)) + 1
         canvas = _coarse_pattern(rng, size + 2 * pad)
         canvas[y0 + pad : y0 + pad + side, x0 + pad : x0 + pad + side] = detail
-        t = _unaligned_transform(rng, kind, size, side, y0, x0, opts)
+        t = unaligned_transform(rng, kind, size, side, y0, x0, opts)
         reference = _render(canvas, pad, t, size)
         if kind == "view":
             j = opts["color_jitter"]
@@ -265,7 +273,9 @@ def make_triplet(
     }
 
 
-def _check_options(size, region, geometry, shift_fraction, zoom_range, warp, color_jitter, degrade, textures) -> dict:
+def _check_options(
+    size, region, geometry, shift_fraction, shift_step, zoom_range, warp, color_jitter, degrade, textures
+) -> dict:
     probs = parse_geometry(geometry)
     side = max(4, int(round(size * region)))
     if side > size:
@@ -275,6 +285,8 @@ def _check_options(size, region, geometry, shift_fraction, zoom_range, warp, col
             f"synthetic geometry `shifted` needs room to move the region: region {region} of size {size} with "
             f"shift_fraction {shift_fraction}; use a region < 1 and a shift_fraction > 0"
         )
+    if int(shift_step) < 1:
+        raise ConfigError(f"synthetic shift_step must be a whole number of pixels >= 1, got {shift_step}")
     zmin, zmax = (float(v) for v in zoom_range)
     if "zoomed" in probs and not (1.0 <= zmin <= zmax and zmin * side <= size):
         raise ConfigError(
@@ -291,6 +303,7 @@ def _check_options(size, region, geometry, shift_fraction, zoom_range, warp, col
     return {
         "geometry": probs,
         "shift_fraction": shift_fraction,
+        "shift_step": int(shift_step),
         "zoom_range": (zmin, zmax),
         "warp": warp,
         "color_jitter": color_jitter,

@@ -18,6 +18,9 @@ weights are the recipe's (``weight:`` per entry, or TRL's ``reward_weights``), s
 :func:`refiner_rl.scoring.registry.split_weights`. Plain TRL reward functions are wrapped by
 :class:`refiner_rl.scoring.functions.FunctionReward`; :func:`refiner_rl.scoring.batch.score_batch` scores a
 batch with a list of rewards.
+
+Reward-gradient training (``refiner-rl refl``) back-propagates a reward into the image: a reward that allows it
+sets ``differentiable = True`` and implements :meth:`Reward.score_tensors`, whose values equal :meth:`Reward.score`'s.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 KNOWN_FIELDS = ("prompt", "draft", "reference", "target", "mask")
+# The column reward-gradient training adds to ``score_tensors``: the reference policy's image for the same condition
+# (``x_ref``, no gradient), which a pairwise judge compares the sample with.
+BASELINE_FIELD = "baseline"
 
 
 def as_image_tensor(image: Any, channels: int = 3) -> torch.Tensor:
@@ -88,6 +94,8 @@ class Reward:
     # Fields used when the data has them (e.g. ``mask``: without it the whole image is the region).
     optional_fields: ClassVar[tuple[str, ...]] = ()
     provides_maps: ClassVar[bool] = False
+    # True when :meth:`score_tensors` is implemented: the reward can be back-propagated into the image.
+    differentiable: ClassVar[bool] = False
 
     def __init__(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -105,6 +113,17 @@ class Reward:
         """Scores plus one per-patch map ``[h, w]`` per completion (the map covers the whole image on a
         regular grid). Rewards without spatial credit return ``None`` maps."""
         return self.score(prompts, completions, **columns), [None] * len(completions)
+
+    def score_tensors(self, images: torch.Tensor, columns: dict) -> torch.Tensor:
+        """Scores ``[B]`` of ``images`` ``[B, 3, H, W]`` in [0, 1] as a differentiable function of them (higher is
+        better; NaN where a sample cannot be scored, where :meth:`score` gives ``None``), equal to :meth:`score`'s
+        values. ``columns`` map a field to one entry per image, a list or a stacked tensor: ``prompt``, the record's
+        images (``draft``, ``reference``, ``target``, ``mask``) and, from the reward-gradient trainer,
+        :data:`BASELINE_FIELD` (the reference policy's images). Rewards that implement it set ``differentiable``."""
+        raise NotImplementedError(
+            f"reward {self.name or type(self).__name__!r} is not differentiable (differentiable = False): it has "
+            "no score_tensors(images, columns) to back-propagate"
+        )
 
     # -- shared behaviour ---------------------------------------------------------------------------
     def to(self, device: str | torch.device) -> Reward:
@@ -156,6 +175,24 @@ def required_value(columns: dict, field: str, index: int, reward: str) -> Any:
     if value is None:
         raise ValueError(f"reward {reward!r}: sample {index} has no {field!r} (columns given: {sorted(columns)})")
     return value
+
+
+def column_batch(
+    columns: dict, field: str, like: torch.Tensor, reward: str, channels: int = 3, required: bool = True
+) -> torch.Tensor | None:
+    """``columns[field]`` as one float tensor ``[B, C, H, W]`` on ``like``'s device (a stacked tensor, or a list of
+    per-sample images as :func:`as_image_tensor` takes), with no gradient. ``None`` when the column is absent and
+    not ``required``; a ValueError naming the reward and field when it is required."""
+    values = columns.get(field)
+    if values is None:
+        if required:
+            raise ValueError(f"reward {reward!r}: the batch has no {field!r} column (columns given: {sorted(columns)})")
+        return None
+    if not isinstance(values, torch.Tensor):
+        values = torch.stack([as_image_tensor(v, channels) for v in values])
+    if values.shape[0] != like.shape[0]:
+        raise ValueError(f"reward {reward!r}: {values.shape[0]} {field!r} entries for {like.shape[0]} images")
+    return values.detach().to(like.device, torch.float32)
 
 
 def check_same_size(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, reward: str) -> None:

@@ -10,6 +10,8 @@ _EXPORTS = {
     "FlowSFTTrainer": "refiner_rl.trainers.sft_trainer",
     "FlowGRPOConfig": "refiner_rl.trainers.grpo_config",
     "FlowGRPOTrainer": "refiner_rl.trainers.grpo_trainer",
+    "FlowReFLConfig": "refiner_rl.trainers.refl_config",
+    "FlowReFLTrainer": "refiner_rl.trainers.refl_trainer",
 }
 
 __all__ = sorted(_EXPORTS)

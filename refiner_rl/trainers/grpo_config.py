@@ -11,12 +11,17 @@ from trl import GRPOConfig
 from refiner_rl.distributed import prepare_cpu_distributed
 from refiner_rl.dynamics import STEP_RULES, WINDOW_MODES
 from refiner_rl.errors import ConfigError
+from refiner_rl.focus import FocusArguments
 
 # Every image has the same number of latent dims, so TRL's token-normalised losses reduce to one mean. TRL's other
 # losses (cispo, sapo, luspo, vespo) reshape per-token importance weights of a language model; they are not
 # implemented for flow policies and are refused by name.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = {"group": "group", "batch": "batch", "none": "none", "true": "group", "false": "none"}
+# What happens after the group rollout and its advantages (docs/algorithms.md#objectives-on-the-same-rollouts).
+OBJECTIVES = ("grpo", "nft", "awm")
+TRAIN_TIMESTEP_SAMPLING = ("uniform", "logit_normal", "schedule")
+OLD_POLICIES = ("rollout", "ema")
 
 # GRPOConfig fields that mean nothing for an image policy (text generation, vLLM, tokenizer padding, LM-only
 # losses and logging). Setting one to anything but its default is a ConfigError naming it.
@@ -76,7 +81,7 @@ HINTS = {"log_completions": "use `log_samples` (a W&B table of images)", "temper
 
 
 @dataclass
-class FlowGRPOConfig(GRPOConfig):
+class FlowGRPOConfig(FocusArguments, GRPOConfig):
     """GRPO for flow-matching editors. TRL's names keep TRL's meanings:
 
     Groups and batches (TRL semantics, derived and checked in ``__post_init__``):
@@ -101,6 +106,19 @@ class FlowGRPOConfig(GRPOConfig):
         loss_type: grpo, bnpo, dr_grpo and dapo are accepted and equal: every image has the same number of
             latent dims, so their normalisations reduce to the same mean. TRL's cispo, sapo, luspo and vespo
             reweight per-token ratios of a language model and are refused (ConfigError).
+    Objectives on the same rollouts (everything else above and below is shared):
+        objective: ``grpo`` (SDE window, per-step log-probs, clipped surrogate), or ``nft`` (DiffusionNFT) /
+            ``awm`` (Advantage Weighted Matching): ODE rollouts (no SDE, no log-probs; each sample its own initial
+            noise, so ``shared_initial_noise`` must stay off), then each clean sample x0 is re-noised
+            ``x_t = (1 - t) x0 + t eps`` at ``train_timesteps`` times t and trained with the flow-matching forward
+            (its draft/reference tokens as in the rollout). The old policy's velocity on x_t is taken at rollout
+            time, from the rollout weights (``old_policy: rollout``) or their EMA (``old_policy: ema``, the EMA of
+            ``ema_decay``). ``beta`` > 0 adds ``beta * mean (v_theta - v_ref)^2`` on the same x_t.
+        ratio_normalization: GRPO-Guard's per-timestep normalised log-ratio (``objective: grpo`` only).
+        train_timesteps, train_timestep_sampling (uniform | logit_normal on [0, start_sigma], or ``schedule``:
+            distinct sigmas of the rollout's schedule), nft_beta (the mix of v+-; 1 = v+ is the policy itself),
+            awm_scale (inverse temperature of AWM's likelihood ratio ``exp(-scale (e_theta - e_old))``). NFT's
+            ``A_max`` is ``adv_clip_max``; AWM clips its ratio with ``epsilon``/``epsilon_high``.
     Not for images: TRL's text-generation, vLLM, padding, LM-only loss and completion-logging fields (listed in
         ``LM_ONLY_FIELDS``, plus every ``vllm_*``) must keep their defaults; any other value is a ConfigError
         naming the field.
@@ -178,10 +196,10 @@ class FlowGRPOConfig(GRPOConfig):
     start_sigma: float = field(
         default=1.0, metadata={"help": "Start sampling from the draft noised to this sigma (1 = pure noise)."}
     )
-    shared_initial_noise: bool = field(
-        default=True,
+    shared_initial_noise: bool | None = field(
+        default=None,
         metadata={
-            "help": "All samples of a group start from the same noise; they differ only by the SDE steps' noise."
+            "help": "All samples of a group start from the same noise; they differ only by the SDE steps' noise (default: on for objective grpo, off otherwise)."
         },
     )
     paste_back: bool = field(default=False, metadata={"help": "Keep the draft outside the mask in sampled images."})
@@ -192,6 +210,22 @@ class FlowGRPOConfig(GRPOConfig):
         default=0.0, metadata={"help": "0 = scalar advantages; 1 = per-patch advantages from reward maps."}
     )
     ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of trained weights (0 = off)."})
+    objective: str = field(default="grpo", metadata={"help": f"What trains on the rollouts: {', '.join(OBJECTIVES)}."})
+    ratio_normalization: bool = field(
+        default=False, metadata={"help": "GRPO-Guard: normalise the log-ratio per timestep (objective grpo)."}
+    )
+    train_timesteps: int = field(
+        default=2, metadata={"help": "nft/awm: re-noised timesteps per sample and update (one backward each)."}
+    )
+    train_timestep_sampling: str = field(
+        default="uniform",
+        metadata={"help": f"nft/awm: how t is drawn: {', '.join(TRAIN_TIMESTEP_SAMPLING)} (within [0, start_sigma])."},
+    )
+    old_policy: str = field(
+        default="rollout", metadata={"help": f"nft/awm: the old policy: {', '.join(OLD_POLICIES)} (ema: of ema_decay)."}
+    )
+    nft_beta: float = field(default=1.0, metadata={"help": "nft: beta of the implicit policies v+- (> 0)."})
+    awm_scale: float = field(default=1.0, metadata={"help": "awm: inverse temperature of the likelihood ratio."})
     rollout_batch_size: int | None = field(
         default=None, metadata={"help": "Samples per rollout forward (default: per_device_train_batch_size)."}
     )
@@ -242,19 +276,21 @@ class FlowGRPOConfig(GRPOConfig):
         self.scale_rewards = SCALE_REWARDS[key]
         if self.max_failed_reward_steps < 1:
             raise ConfigError(f"`max_failed_reward_steps` must be >= 1, got {self.max_failed_reward_steps}")
+        self._check_objective()
         if self.sde_type not in STEP_RULES:
             raise ConfigError(f"`sde_type` must be one of {STEP_RULES}, got {self.sde_type!r}")
         if self.sde_window_mode not in WINDOW_MODES:
             raise ConfigError(f"`sde_window_mode` must be one of {WINDOW_MODES}, got {self.sde_window_mode!r}")
-        if self.sde_type == "ode":
+        if self.sde_type == "ode" and self.objective == "grpo":
             raise ConfigError("`sde_type: ode` has no log-prob to train; pick flow_sde, cps or dance")
-        if not 1 <= self.sde_window_size <= self.num_inference_steps - 1:
+        if self.objective == "grpo" and not 1 <= self.sde_window_size <= self.num_inference_steps - 1:
             raise ConfigError(
                 f"`sde_window_size` ({self.sde_window_size}) must be in [1, num_inference_steps - 1 = {self.num_inference_steps - 1}]: "
                 "the last, nearly clean step is never trained"
             )
         if (
-            self.sde_window_mode == "fixed"
+            self.objective == "grpo"
+            and self.sde_window_mode == "fixed"
             and self.sde_window_start + self.sde_window_size > self.num_inference_steps - 1
         ):
             raise ConfigError(
@@ -301,6 +337,47 @@ class FlowGRPOConfig(GRPOConfig):
     def generate_every(self) -> int:
         """Micro-steps fed by one rollout."""
         return self.steps_per_generation * self.num_iterations
+
+    def _check_objective(self) -> None:
+        """ConfigError for an unknown objective or a setting the chosen one cannot use; fills
+        ``shared_initial_noise``'s default (on for grpo; off for nft/awm, whose ODE rollouts would all coincide)."""
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"`objective` must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.shared_initial_noise is None:
+            self.shared_initial_noise = self.objective == "grpo"
+        if self.objective == "grpo":
+            return
+        if self.shared_initial_noise:
+            raise ConfigError(
+                f"`shared_initial_noise: true` with `objective: {self.objective}`: its rollouts are ODE, so a group "
+                "sharing one noise would be one image repeated; set it to false"
+            )
+        if self.ratio_normalization:
+            raise ConfigError("`ratio_normalization` (GRPO-Guard) applies to `objective: grpo` only")
+        if self.train_timesteps < 1:
+            raise ConfigError(f"`train_timesteps` must be >= 1, got {self.train_timesteps}")
+        if self.train_timestep_sampling not in TRAIN_TIMESTEP_SAMPLING:
+            raise ConfigError(
+                f"`train_timestep_sampling` must be one of {', '.join(TRAIN_TIMESTEP_SAMPLING)}, "
+                f"got {self.train_timestep_sampling!r}"
+            )
+        if self.train_timestep_sampling == "schedule" and self.train_timesteps > self.num_inference_steps:
+            raise ConfigError(
+                f"`train_timesteps` ({self.train_timesteps}) > num_inference_steps ({self.num_inference_steps}): "
+                "`train_timestep_sampling: schedule` draws distinct sigmas of the rollout's schedule"
+            )
+        if self.old_policy not in OLD_POLICIES:
+            raise ConfigError(f"`old_policy` must be one of {', '.join(OLD_POLICIES)}, got {self.old_policy!r}")
+        if self.old_policy == "ema" and self.ema_decay <= 0:
+            raise ConfigError("`old_policy: ema` needs `ema_decay` > 0 (the EMA it reads), e.g. 0.9")
+        if self.objective == "nft" and not self.nft_beta > 0:
+            raise ConfigError(f"`nft_beta` must be > 0, got {self.nft_beta}")
+        if self.objective == "nft" and not (self.adv_clip_max and self.adv_clip_max > 0):
+            raise ConfigError(
+                "`objective: nft` needs `adv_clip_max` > 0: it maps advantages to r = A / (2 A_max) + 1/2"
+            )
+        if self.awm_scale <= 0:
+            raise ConfigError(f"`awm_scale` must be > 0, got {self.awm_scale}")
 
     def _check_lm_only_fields(self) -> None:
         """ConfigError naming every GRPOConfig field that means nothing for images and is not at its default."""

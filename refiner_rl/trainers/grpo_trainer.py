@@ -11,6 +11,9 @@ Read top to bottom, one rollout is:
    velocity forward (:meth:`FlowGRPOTrainer.step_distribution`), clipped surrogate + ``beta`` x KL against
    the reference, backward.
 
+``objective: nft | awm`` (DiffusionNFT, Advantage Weighted Matching) share steps 1 and 3: the rollout is ODE only,
+and step 4 trains on re-noised clean samples with the flow-matching forward (``trainers.objectives``).
+
 It builds on ``transformers.Trainer`` (like TRL's lean experimental trainers) and keeps TRL's config names
 and metric names; TRL's ``GRPOTrainer`` itself assumes a causal LM (docs/algorithms.md#pitfalls-we-guard-against).
 
@@ -47,6 +50,7 @@ from refiner_rl.sampling import batch_conditions, sample_trajectories
 from refiner_rl.scoring.aggregate import compute_advantages, spatial_advantages
 from refiner_rl.scoring.batch import score_batch
 from refiner_rl.scoring.registry import build_reward_funcs, check_required_fields, reward_labels
+from refiner_rl.trainers import objectives
 from refiner_rl.trainers.backward import backward_per_term, per_term_backward_supported
 from refiner_rl.trainers.base import (
     FULL_WEIGHTS_DIR,
@@ -55,7 +59,7 @@ from refiner_rl.trainers.base import (
 )
 from refiner_rl.trainers.ema import EMA, EMACallback
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
-from refiner_rl.trainers.losses import clipped_surrogate
+from refiner_rl.trainers.losses import clipped_surrogate, guard_log_ratio
 
 logger = logging.getLogger(__name__)
 EMA_FILE = "ema_state.pt"  # EMA shadow weights, for resume
@@ -111,14 +115,16 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         self.model_accepts_loss_kwargs = False
         for r in rewards:
             r.to(self.accelerator.device)
-        self.window = WindowSchedule(
-            num_steps=args.num_inference_steps,
-            size=args.sde_window_size,
-            start=args.sde_window_start,
-            mode=args.sde_window_mode,
-            stride=args.sde_window_stride,
-            max_start=args.sde_window_max_start,
-        )
+        self.window = None  # nft/awm: ODE rollouts, no SDE window
+        if args.objective == "grpo":
+            self.window = WindowSchedule(
+                num_steps=args.num_inference_steps,
+                size=args.sde_window_size,
+                start=args.sde_window_start,
+                mode=args.sde_window_mode,
+                stride=args.sde_window_stride,
+                max_start=args.sde_window_max_start,
+            )
         self.ref_transformer = None
         if args.beta > 0 and not policy.has_lora:
             self.ref_transformer = copy.deepcopy(policy.transformer).eval().requires_grad_(False)
@@ -195,11 +201,16 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         args, policy, acc = self.args, self.policy, self.accelerator
         dev = policy.device
         t0 = _now(dev)
+        focus = args.focus_settings()  # region-focused: roll out (and train) on the crop around each mask
+        crop = focus.crop(batch, policy.codec.downsample * 2) if focus is not None else None
+        batch = crop.batch if crop is not None else batch
         cond, _ = self._conditions(batch)
         n = cond.tokens.shape[0]
-        steps = self.window.steps(
-            self.rollout_index, generator=torch.Generator().manual_seed(args.seed + self.rollout_index)
-        )
+        steps = []
+        if self.window is not None:
+            steps = self.window.steps(
+                self.rollout_index, generator=torch.Generator().manual_seed(args.seed + self.rollout_index)
+            )
         # Sampling noise: one generator per sample, keyed by (seed, rollout, position in the global generation batch),
         # so a resumed run draws the same noise and N processes x n samples draw exactly what 1 process x N*n draws.
         g = [keyed_generator(args.seed, self.rollout_index, acc.process_index * n + j) for j in range(n)]
@@ -214,17 +225,24 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         model.eval()
         try:
             trajs, sigmas, images = self._sample(batch, cond, g, steps, transformer=model, init_generator=init_g)
+            if self.window is None:  # nft/awm: re-noised clean samples and the old velocity, keyed like the noise
+                keys = [keyed_generator(args.seed, self.rollout_index, acc.process_index * n + j, -2) for j in range(n)]
+                x0 = torch.cat([t.latents for t in trajs])
+                train_inputs = objectives.renoised_inputs(self, model, cond, x0, sigmas, keys)
         finally:
             model.train(was_training)
         t1 = _now(dev)
+        shown, shown_batch = crop.scored(images, focus) if crop is not None else (images, batch)
         scored = score_batch(
             self.rewards,
             batch["prompt"],
-            list(images.cpu()),
-            {**reward_columns(batch), "trainer_state": self.state},  # TRL passes the state to reward functions
+            list(shown.cpu()),
+            {**reward_columns(shown_batch), "trainer_state": self.state},  # TRL passes the state to reward functions
             with_maps=args.spatial_advantage_mix > 0,
         )
         scores, maps = scored.scores, scored.maps
+        if crop is not None and focus.score_on == "full":  # spatial advantages live on the crop's token grid
+            maps = [m if m is None else crop.crop_maps(m) for m in maps]
         t2 = _now(dev)
         # Gather across processes before advantages: group statistics must see whole groups.
         all_scores = acc.gather(scores.to(dev))
@@ -254,17 +272,19 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             "scores": scores.cpu(),
             "total": res.total_reward[local].cpu(),
         }
-        return {
-            "cond": cond,
-            "states": torch.cat([t.states for t in trajs]),
-            "next_states": torch.cat([t.next_states for t in trajs]),
-            "old_log_probs": torch.cat([t.log_probs for t in trajs]),
-            "old_log_prob_tokens": torch.cat([t.log_prob_tokens for t in trajs]),
-            "advantages": adv,
-            "token_advantages": token_adv,
-            "sigmas": sigmas,
-            "sde_steps": trajs[0].sde_steps,
-        }
+        out = {"cond": cond, "advantages": adv, "token_advantages": token_adv, "sigmas": sigmas}
+        if self.window is None:
+            return {**out, **train_inputs, "sde_steps": []}
+        out.update(
+            states=torch.cat([t.states for t in trajs]),
+            next_states=torch.cat([t.next_states for t in trajs]),
+            old_log_probs=torch.cat([t.log_probs for t in trajs]),
+            old_log_prob_tokens=torch.cat([t.log_prob_tokens for t in trajs]),
+            sde_steps=trajs[0].sde_steps,
+        )
+        if args.ratio_normalization:
+            out["old_means"] = torch.cat([t.means for t in trajs])
+        return out
 
     def _check_reward_failures(self, scores: torch.Tensor, errors: dict[str, str]) -> None:
         """Count consecutive rollouts in which some reward scored no sample of the (gathered) batch; at
@@ -368,30 +388,48 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         The whole loss with the graphs of all K steps: training calls :meth:`step_loss` per step instead and
         back-propagates each as soon as it is formed (:attr:`backward_per_step`)."""
         stats = defaultdict(list)
-        k = len(inputs["sde_steps"])
+        k = self.num_terms(inputs)
         total = 0.0
         for j in range(k):
-            total = total + self.step_loss(model, inputs, j, stats) / k
+            total = total + self.term_loss(model, inputs, j, stats) / k
         self._log_step_stats(stats)
         return total
 
+    def num_terms(self, inputs: dict) -> int:
+        """Terms of the loss, each with its own forward: GRPO's trained steps, or nft/awm's re-noised times."""
+        return len(inputs["sde_steps"]) if self.window is not None else inputs["timesteps"].shape[1]
+
+    def term_loss(self, model, inputs: dict, j: int, stats: dict[str, list[float]]) -> torch.Tensor:
+        """The ``j``-th term of the objective's loss: :meth:`step_loss` (grpo) or :func:`objectives.term_loss`."""
+        if self.window is not None:
+            return self.step_loss(model, inputs, j, stats)
+        return objectives.term_loss(self, model, inputs, j, stats)
+
     def step_loss(self, model, inputs: dict, j: int, stats: dict[str, list[float]] | None = None) -> torch.Tensor:
         """``L_j = mean_i max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) + beta KL_j`` at the ``j``-th trained step
-        (with its graph); appends the step's ratio, clip fractions and KL to ``stats``."""
+        (with its graph); appends the step's ratio, clip fractions and KL to ``stats``. With
+        ``ratio_normalization`` (GRPO-Guard), ``log r`` is :func:`guard_log_ratio` of the step."""
         args = self.args
         adv, tok_adv = inputs["advantages"], inputs["token_advantages"]
         eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         stats = stats if stats is not None else defaultdict(list)
+        # The no-grad reference forward runs first, so its activations are never alive next to this step's graph.
+        ref_mean = self._reference_mean(model, inputs, j) if args.beta > 0 else None
         mean, std = self.step_distribution(model, inputs, j)
         lp, lp_tok = log_prob(inputs["next_states"][:, j], mean, std)
-        if tok_adv is None:
-            per, clip = clipped_surrogate(lp, inputs["old_log_probs"][:, j], adv, args.epsilon, eps_high)
-        else:
-            # Per-token ratios against the rollout's per-token log-probs, weighted by per-token advantages.
-            per, clip = clipped_surrogate(lp_tok, inputs["old_log_prob_tokens"][:, j], tok_adv, args.epsilon, eps_high)
+        # Per-token advantages: per-token ratios against the rollout's per-token log-probs.
+        lp, old, a = (
+            (lp, inputs["old_log_probs"][:, j], adv)
+            if tok_adv is None
+            else (lp_tok, inputs["old_log_prob_tokens"][:, j], tok_adv)
+        )
+        if args.ratio_normalization:
+            lp = guard_log_ratio(lp, old, mean, inputs["old_means"][:, j], std)
+            old = torch.zeros_like(lp)
+        per, clip = clipped_surrogate(lp, old, a, args.epsilon, eps_high)
         loss = per.mean()
         if args.beta > 0:
-            kl, _ = kl_same_std(mean, self._reference_mean(model, inputs, j), std)
+            kl, _ = kl_same_std(mean, ref_mean, std)
             loss = loss + args.beta * kl.mean()
             stats["kl"].append(kl.mean().item())
         stats["ratio"].append(clip["ratio"].mean().item())
@@ -416,8 +454,8 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             model,
             inputs,
             num_items_in_batch,
-            num_terms=lambda x: len(x["sde_steps"]),
-            term_loss=lambda m, x, j: self.step_loss(m, x, j, stats),
+            num_terms=self.num_terms,
+            term_loss=lambda m, x, j: self.term_loss(m, x, j, stats),
         )
         self._log_step_stats(stats)
         return loss
@@ -487,6 +525,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             paste=a.paste_back,
             true_cfg_scale=a.true_cfg_scale,
             negative_prompt=a.negative_prompt,
+            focus=a.focus_settings(),
             rewards=self.rewards,
             reward_weights=self.reward_weights.tolist(),
             reward_names=self.reward_names,
@@ -582,11 +621,13 @@ def _now(device) -> float:
 
 
 def _slice_rollout(full: dict, sl: slice) -> dict:
+    """The samples ``sl`` of a buffered rollout: every per-sample tensor and the conditions sliced, the schedule and
+    the trained step indices kept."""
     out = {k: full[k] for k in ("sigmas", "sde_steps")}
     out["cond"] = full["cond"].select(sl)
-    for k in ("states", "next_states", "old_log_probs", "old_log_prob_tokens", "advantages"):
-        out[k] = full[k][sl]
-    out["token_advantages"] = None if full["token_advantages"] is None else full["token_advantages"][sl]
+    for k, v in full.items():
+        if k not in out:
+            out[k] = None if v is None else v[sl]
     return out
 
 

@@ -56,9 +56,11 @@ def clipped_surrogate(
     return loss, {"ratio": ratio.detach(), "low": low, "high": high, "region": torch.maximum(low, high)}
 
 
-def _mean_over_sample(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dim but the first: ``[B, ...] -> [B]``."""
-    return x.float().flatten(1).mean(dim=1)
+def _errors(sq: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Squared errors ``[B, N, C]`` reduced like the advantages: the mean over every dim but the first (``[B]``)
+    for one advantage per sample, the mean over the last dim (``[B, N]``, per token) for per-token advantages."""
+    sq = sq.float()
+    return sq.mean(dim=-1) if advantages.ndim == 2 else sq.flatten(1).mean(dim=1)
 
 
 def nft_loss(
@@ -79,7 +81,9 @@ def nft_loss(
     ``x0_hat(v) = x_t - t v`` and ``r = clamp(A / (2 A_max) + 1/2, 0, 1)`` (``A_max = adv_clip_max``):
     ``loss = r ||x0_hat(v+) - x0||^2 + (1 - r) ||x0_hat(v-) - x0||^2``, squared norms as means over the latent dims.
     With ``beta = 1`` and ``r = 1`` it is ``t^2 ||v_theta - (eps - x0)||^2``: plain flow matching weighted by t^2.
-    ``t`` is ``[B]`` (broadcast over the latent dims)."""
+    At ``v_theta = v_old`` the gradient is ``-2 beta t^2 (2 r - 1) (eps - x0 - v_old)`` per dim (over its count): flow
+    matching towards the sample, weighted by ``A / A_max``. ``t`` is ``[B]`` (broadcast over the latent dims).
+    Per-token advantages ``[B, N]`` (latents ``[B, N, C]``) give a per-token ``r`` and a loss ``[B, N]``."""
     if adv_clip_max <= 0:
         raise ValueError(f"nft_loss: adv_clip_max must be > 0, got {adv_clip_max}")
     v_old = v_old.detach().float()
@@ -88,8 +92,8 @@ def nft_loss(
     r = torch.clamp(advantages.float() / (2 * adv_clip_max) + 0.5, 0.0, 1.0)
     v_pos = (1 - beta) * v_old + beta * v_theta
     v_neg = (1 + beta) * v_old - beta * v_theta
-    err_pos = _mean_over_sample((x_t - t * v_pos - x0) ** 2)
-    err_neg = _mean_over_sample((x_t - t * v_neg - x0) ** 2)
+    err_pos = _errors((x_t - t * v_pos - x0) ** 2, r)
+    err_neg = _errors((x_t - t * v_neg - x0) ** 2, r)
     return r * err_pos + (1 - r) * err_neg
 
 
@@ -108,9 +112,10 @@ def awm_loss(
     (rollout policy, no gradient), means over the latent dims, act as negative log-likelihoods:
     ``ratio = exp(-scale (e_theta - e_old))``, then :func:`clipped_surrogate`. ``scale`` is the likelihood's
     inverse temperature (the paper's scaling of the error; 1 = the plain error). Equal policies give ratio 1
-    exactly. ``v_target = eps - x0``."""
-    e_theta = _mean_over_sample((v_theta.float() - v_target.float()) ** 2)
-    e_old = _mean_over_sample((v_old.detach().float() - v_target.float()) ** 2)
+    exactly, and there the gradient is ``scale A grad e_theta``: advantage-weighted flow matching.
+    ``v_target = eps - x0``. Per-token advantages ``[B, N]`` give per-token errors, ratios and losses."""
+    e_theta = _errors((v_theta.float() - v_target.float()) ** 2, advantages)
+    e_old = _errors((v_old.detach().float() - v_target.float()) ** 2, advantages)
     return clipped_surrogate(-scale * e_theta, -scale * e_old, advantages, epsilon_low, epsilon_high)
 
 
@@ -129,8 +134,11 @@ def guard_log_ratio(
     and a spread that grows as ``1 / s``: clipping then acts at some steps and not at others. The normalised
     log-ratio is ``(log r + b) s = mean_d(z (mu_theta - mu_old))``, with ``z = (x' - mu_old) / s`` the rollout's
     standard noise: zero-mean, and its scale does not depend on ``s``. Feed ``exp`` of it to the clipped
-    surrogate (the paper also weights each step's loss by ``1 / |dt|``). ``mean``/``old_mean``: ``[B, ...]``;
-    ``std``: a float or per-sample tensor; returns ``[B]``."""
-    b, _ = kl_same_std(mean, old_mean, std)
+    surrogate (the paper also weights each step's loss by ``1 / |dt|``). ``mean``/``old_mean``: ``[B, N, C]``;
+    ``std``: a float or per-sample tensor; log-probs ``[B]`` return ``[B]``, per-token ones ``[B, N]`` return
+    ``[B, N]``."""
+    b, b_tokens = kl_same_std(mean, old_mean, std)
+    per_token = log_prob.ndim == 2
     s = torch.as_tensor(std, dtype=torch.float32, device=mean.device).reshape(-1)
-    return (log_prob.float() - old_log_prob.float() + b) * (s if s.numel() > 1 else s[0])
+    s = s.reshape(-1, *([1] * (log_prob.ndim - 1))) if s.numel() > 1 else s[0]
+    return (log_prob.float() - old_log_prob.float() + (b_tokens if per_token else b)) * s

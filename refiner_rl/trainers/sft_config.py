@@ -9,10 +9,11 @@ from transformers import TrainingArguments
 from refiner_rl.distributed import prepare_cpu_distributed
 from refiner_rl.dynamics.schedules import LOSS_WEIGHTING_SCHEMES, TRAINING_SIGMA_SCHEMES
 from refiner_rl.errors import ConfigError
+from refiner_rl.focus import FocusArguments
 
 
 @dataclass
-class FlowSFTConfig(TrainingArguments):
+class FlowSFTConfig(FocusArguments, TrainingArguments):
     """Supervised fine-tuning of a flow-matching editor on (prompt, draft, reference, target, mask) triplets.
 
     Loss:
@@ -23,6 +24,9 @@ class FlowSFTConfig(TrainingArguments):
     Conditioning:
         caption_dropout: probability of training a sample with the empty instruction (0.05, as the authors'
             configs).
+    Region focus (:class:`refiner_rl.focus.FocusArguments`):
+        focus_crop, focus_size, focus_margin, focus_crop_reference, focus_feather: train on the crop around each
+            mask at the working size (the loss is on the crop; sample grids show the crop pasted back).
     Samples:
         sample_steps, num_sample_images, sample_inference_steps: every ``sample_steps`` steps, sample the first
             held-out records and save draft | reference | sample | target to ``output_dir/samples/`` (and W&B).
@@ -80,6 +84,7 @@ class FlowSFTConfig(TrainingArguments):
             raise ConfigError("`caption_dropout` must be in [0, 1)")
         if self.mask_weight < 0:
             raise ConfigError("`mask_weight` must be >= 0")
+        self.focus_settings()  # checks the focus_* fields
         if self.remove_unused_columns:
             raise ConfigError("`remove_unused_columns` must be False: the batches carry images")
         # Under `accelerate launch` without CUDA: gloo process group, reused by the Trainer (before the device setup).

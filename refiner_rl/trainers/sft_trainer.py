@@ -1,8 +1,8 @@
 """SFT stage: teach the editor to take the draft and the reference together (OmniRefiner stage 1).
 
-Per batch: encode the conditions once, draw sigma and noise, form ``x_s = (1 - s) x0 + s eps`` from the
-target's latents, run the policy's one velocity forward, and minimise the mask-weighted rectified-flow
-loss against ``eps - x0``.
+Per batch (with ``focus_crop``, the crop around each mask at the working size): encode the conditions once, draw
+sigma and noise, form ``x_s = (1 - s) x0 + s eps`` from the target's latents, run the policy's one velocity forward,
+and minimise the mask-weighted rectified-flow loss against ``eps - x0``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,12 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
         model.eval()
         try:
             images = sample_images(
-                self.policy, batch, num_steps=self.args.sample_inference_steps, seed=self.args.seed, transformer=model
+                self.policy,
+                batch,
+                num_steps=self.args.sample_inference_steps,
+                seed=self.args.seed,
+                transformer=model,
+                focus=self.args.focus_settings(),
             ).cpu()
         finally:
             model.train(was_training)
@@ -87,6 +92,9 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy, args = self.policy, self.args
         dev = policy.device
+        focus = args.focus_settings()
+        if focus is not None:  # region-focused: the loss is on the crop around the mask, at the working size
+            inputs = focus.crop(inputs, policy.codec.downsample * 2).batch
         gens = self._sample_generators(inputs)
         cond = policy.encode_conditions(
             inputs["draft"].to(dev), inputs["reference"].to(dev), text=self._text(inputs, gens)

@@ -6,6 +6,7 @@
   wait on a bad server is bounded (:class:`ServerSettings`, :func:`worst_case_seconds`);
 - :mod:`refiner_rl.vlm.questions`: the judge's yes/no question, the chat around it, P(Yes) from logits or
   ``top_logprobs``;
+- :mod:`refiner_rl.vlm.pixels`: Qwen2-VL image inputs built in torch, differentiable in the pixels;
 - :mod:`refiner_rl.vlm.server`: a small OpenAI-compatible server over a :class:`LocalVLM`
   (``python -m refiner_rl.vlm.server``), for a quick local judge and for tests over real HTTP.
 """
@@ -15,8 +16,10 @@ from refiner_rl.vlm.local import LocalVLM
 from refiner_rl.vlm.questions import (
     DIMENSIONS,
     TASKS,
+    answer_token_ids,
     build_conversation,
     build_query,
+    log_p_yes_no,
     p_yes_from_logits,
     p_yes_from_top_logprobs,
     to_openai_messages,
@@ -28,8 +31,10 @@ __all__ = [
     "ChatClient",
     "LocalVLM",
     "ServerSettings",
+    "answer_token_ids",
     "build_conversation",
     "build_query",
+    "log_p_yes_no",
     "p_yes_from_logits",
     "p_yes_from_top_logprobs",
     "request_seconds",

@@ -14,6 +14,7 @@ import torch
 
 from refiner_rl.errors import CheckpointError
 from refiner_rl.scoring.base import freeze, outside_zero3_init
+from refiner_rl.vlm.questions import single_token_ids
 
 _LOCAL_CACHE: dict[tuple, LocalVLM] = {}
 _LOCAL_LOCK = threading.Lock()
@@ -88,12 +89,7 @@ class LocalVLM:
 
     def single_token_ids(self, words: Sequence[str]) -> list[int]:
         """Ids of the words the tokenizer encodes as exactly one token (deduplicated, in order)."""
-        ids: list[int] = []
-        for word in words:
-            enc = self.tokenizer.encode(word, add_special_tokens=False)
-            if len(enc) == 1 and enc[0] not in ids:
-                ids.append(enc[0])
-        return ids
+        return single_token_ids(self.tokenizer, words)
 
     def encode(self, conversations: Sequence[list[dict]]):
         texts = [
@@ -102,6 +98,31 @@ class LocalVLM:
         images = [[p["image"] for m in c for p in m["content"] if p["type"] == "image"] for c in conversations]
         kwargs = {"images": images} if any(images) else {}
         return self.processor(text=texts, padding=True, return_tensors="pt", **kwargs).to(self.device)
+
+    def encode_tensors(self, conversations: Sequence[list[dict]]):
+        """:meth:`encode` for chats whose images are float tensors ``[3, H, W]`` in [0, 1]: ``pixel_values`` is a
+        differentiable function of them (:mod:`refiner_rl.vlm.pixels`; Qwen2-VL-class image processors)."""
+        from refiner_rl.vlm.pixels import expand_image_tokens, image_settings, pixel_values
+
+        texts = [
+            self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+        ]
+        images = [p["image"] for c in conversations for m in c for p in m["content"] if p["type"] == "image"]
+        settings = image_settings(self.processor.image_processor)
+        values, grids = pixel_values([image.to(self.device) for image in images], settings)
+        texts = expand_image_tokens(texts, grids, self.processor.image_token, settings["merge_size"])
+        inputs = self.tokenizer(texts, padding=True, return_tensors="pt")
+        if getattr(self.processor, "return_mm_token_type_ids", False):
+            inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(inputs["input_ids"]))
+        inputs = inputs.to(self.device)
+        inputs["pixel_values"], inputs["image_grid_thw"] = values.to(self.model.dtype), grids.to(self.device)
+        return inputs
+
+    def answer_logits(self, inputs) -> torch.Tensor:
+        """Logits ``[B, V]`` (float32) at the last position of encoded chats, with autograd (the weights stay
+        frozen; gradients reach whatever ``inputs`` require them, e.g. :meth:`encode_tensors`' pixels)."""
+        with self.lock:
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
 
     @torch.no_grad()
     def last_logits(self, inputs) -> torch.Tensor:

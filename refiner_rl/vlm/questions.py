@@ -39,7 +39,9 @@ DIMENSIONS = {
     "text_alignment": "text alignment: the content follows the text prompt",
     "aesthetics": "aesthetics: the image is visually pleasing, sharp and free of artifacts",
     "detail_fidelity": "detail fidelity: fine details such as logos, text, faces and textures are sharp, "
-    "legible and correct",
+    "legible and match the reference image",
+    "draft_consistency": "consistency with the draft: apart from the restored details, the image keeps the "
+    "draft's content, layout, colours and lighting",
     "removal_quality": "removal quality: the object is fully removed, with no residue, ghosting or new objects",
 }
 DEFAULT_TEMPLATES = {
@@ -95,15 +97,49 @@ def build_query(
 # -- P(Yes) ----------------------------------------------------------------------------------------
 
 
+def log_p_yes_no(
+    logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int], prob: str = "yes_no"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log P(Yes), log P(No))``, each ``[B]``, from the answer-position logits ``[B, V]``, differentiable.
+
+    ``yes_no``: ``log P(Yes) = lse(l_yes) - lse(l_yes, l_no)`` and ``log P(No) = lse(l_no) - lse(l_yes, l_no)``;
+    ``softmax``: the same with ``lse(l)`` over the whole vocabulary as the normaliser.
+    """
+    logits = logits.float()
+    yes, no = logits[:, list(yes_ids)].logsumexp(-1), logits[:, list(no_ids)].logsumexp(-1)
+    norm = logits.logsumexp(-1) if prob == "softmax" else torch.stack([yes, no], -1).logsumexp(-1)
+    return yes - norm, no - norm
+
+
 def p_yes_from_logits(
     logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int], prob: str = "yes_no"
 ) -> torch.Tensor:
     """P(Yes) from the answer-position logits ``[B, V]`` (see the module docstring for both formulas)."""
-    logits = logits.float()
-    yes_ids, no_ids = list(yes_ids), list(no_ids)
-    if prob == "softmax":
-        return logits.softmax(-1)[:, yes_ids].sum(-1)
-    return logits[:, yes_ids + no_ids].softmax(-1)[:, : len(yes_ids)].sum(-1)
+    return log_p_yes_no(logits, yes_ids, no_ids, prob)[0].exp()
+
+
+def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """Ids of the words ``tokenizer`` encodes as exactly one token (deduplicated, in order)."""
+    ids: list[int] = []
+    for word in words:
+        enc = tokenizer.encode(word, add_special_tokens=False)
+        if len(enc) == 1 and enc[0] not in ids:
+            ids.append(enc[0])
+    return ids
+
+
+def answer_token_ids(tokenizer, yes_words: Sequence[str], no_words: Sequence[str], where: str) -> tuple[list, list]:
+    """The single-token ids of ``yes_words`` and ``no_words``; a :class:`ConfigError` naming ``where`` (the model)
+    when either set is empty or they share an id (P(Yes) would be undefined: NaN rewards later)."""
+    yes_ids, no_ids = single_token_ids(tokenizer, yes_words), single_token_ids(tokenizer, no_words)
+    if not yes_ids or not no_ids or set(yes_ids) & set(no_ids):
+        from refiner_rl.errors import ConfigError
+
+        raise ConfigError(
+            f"the tokenizer of {where} has no single-token id for some of yes_words={list(yes_words)} / "
+            f"no_words={list(no_words)} (or they overlap); set yes_words/no_words to words it encodes as one token"
+        )
+    return yes_ids, no_ids
 
 
 def _norm_token(token: str) -> str:
@@ -146,9 +182,14 @@ def png_data_url(pil_image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def build_conversation(query: str, images: Sequence[Any], system_prompt: str | None = None) -> list[dict]:
-    """A chat in transformers' format: one image is shown as is, two as "Image A:" and "Image B:"."""
+def build_conversation(
+    query: str, images: Sequence[Any], system_prompt: str | None = None, context: Sequence[tuple[str, Any]] = ()
+) -> list[dict]:
+    """A chat in transformers' format: ``context`` images first, each after its label (``("Reference", img)`` ->
+    "Reference:"), then one image as is, or two as "Image A:" and "Image B:", then the question."""
     content: list[dict] = []
+    for label, image in context:
+        content += [{"type": "text", "text": f"{label}:"}, {"type": "image", "image": image}]
     if len(images) == 1:
         content.append({"type": "image", "image": images[0]})
     else:

@@ -122,3 +122,27 @@ def build_tiny_vlm(
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return os.fspath(folder)
+
+
+def build_tiny_judge(folder: str | os.PathLike, *, seed: int = 0, vocab_size: int = 300, init_std: float = 0.3) -> str:
+    """A tiny random judge: :func:`build_tiny_vlm` on a corpus of the judge's questions, so "Yes", " Yes", "No"
+    and " No" are single tokens and the task and dimension words are few tokens each.
+
+    Its weight matrices (all but the embeddings) are drawn with std ``init_std`` in the text model and half of it
+    in the vision tower, not the usual 0.02: at 0.02 attention is uniform, so P(Yes | A, B) barely depends on
+    which image comes first and pairwise training sits at its saddle (loss ln 2) for hundreds of steps.
+    """
+    import torch
+
+    from refiner_rl.vlm.questions import DEFAULT_TEMPLATES, DIMENSIONS, TASKS
+
+    def spread(model, tokenizer) -> None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and "embed" not in name:
+                    p.normal_(0.0, init_std if "language_model" in name else init_std / 2)
+
+    corpus = ["Yes No Yes. No."] * 200 + [
+        " ".join(TASKS.values()) + " " + " ".join(DIMENSIONS.values()) + " " + DEFAULT_TEMPLATES["pairwise"]
+    ] * 5
+    return build_tiny_vlm(folder, corpus, vocab_size=vocab_size, max_positions=1024, seed=seed, prepare=spread)

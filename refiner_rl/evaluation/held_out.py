@@ -1,8 +1,9 @@
-"""Held-out evaluation of a refiner: ODE samples, their error inside and outside the mask, and reward means.
+"""Held-out evaluation of one policy for the trainers and the demo: :func:`evaluate`.
 
-One evaluator for the trainers, the demo and scripts: :func:`evaluate`. Sampling goes through
-:func:`refiner_rl.sampling.sample_images` (the rollout's sampler without its SDE window), scoring through
-:func:`refiner_rl.scoring.score_batch`, so held-out numbers and training rewards are measured the same way.
+The same loop as ``refiner-rl eval`` (:mod:`refiner_rl.evaluation.loop`): ODE samples through
+:func:`refiner_rl.sampling.sample_images` with per-record noise, the ``masked_mse`` metric plug-in inside and
+outside the mask, and rewards through :func:`refiner_rl.scoring.score_batch`, so held-out numbers, the eval
+command's table and training rewards are measured the same way.
 """
 
 from __future__ import annotations
@@ -10,23 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
-from refiner_rl.data import TripletDataset, collate_triplets
-from refiner_rl.policies.kontext import KontextPolicy
-from refiner_rl.sampling import sample_images
+from refiner_rl.evaluation.loop import NON_COLUMNS, SamplerSettings, load_batch, record_batches, sample_batch
+from refiner_rl.metrics.masked_mse import MaskedMSE
 from refiner_rl.scoring.aggregate import weighted_total
 from refiner_rl.scoring.batch import score_batch
 from refiner_rl.scoring.registry import reward_labels
-
-NON_COLUMNS = ("prompt", "prompt_embeds", "pooled_prompt_embeds")  # batch keys that are not reward columns
-
-
-def masked_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-image ``sum(W * mean_c (a - b)^2) / sum(W)``; NaN where ``W`` is empty."""
-    err = (a.float() - b.float()).pow(2).mean(1, keepdim=True)
-    w = weight.float()
-    return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
 
 
 def reward_columns(batch: dict) -> dict[str, list]:
@@ -41,8 +31,8 @@ def reward_columns(batch: dict) -> dict[str, list]:
 
 @torch.no_grad()
 def evaluate(
-    policy: KontextPolicy,
-    dataset: TripletDataset,
+    policy,
+    dataset,
     *,
     num_steps: int = 10,
     batch_size: int = 16,
@@ -56,9 +46,10 @@ def evaluate(
     reward_names: Sequence[str] | None = None,
     reward_extras: dict | None = None,
     transformer=None,
+    focus=None,
 ) -> dict[str, float]:
-    """Held-out metrics of ODE samples (batch ``i`` draws its noise from ``seed + i``: two policies are compared on
-    the same draws).
+    """Held-out metrics of ODE samples (record ``i`` draws its noise from ``(seed, i)``: two policies are compared
+    on the same draws).
 
     With targets: ``mse_output_in`` / ``mse_output_out`` (mean over images of the masked MSE against the target,
     inside / outside the mask), the same for the draft (``mse_draft_*``) and ``mse_in_ratio = output_in /
@@ -67,30 +58,20 @@ def evaluate(
     ``rewards/<name>/failed_frac``, ``reward`` = mean over samples of ``sum_k w_k r_k`` over the rewards that scored
     it, and ``reward_failed_frac``: a sample no reward scored is excluded, never counted as 0. ``reward_extras``
     are passed to every reward call as they are (e.g. TRL's ``trainer_state``)."""
+    sampler = SamplerSettings(num_steps, seed, start_sigma, paste, true_cfg_scale, negative_prompt, focus)
     rewards = list(rewards or [])
     names = list(reward_names or reward_labels(rewards))
     weights = torch.tensor(list(reward_weights) if reward_weights is not None else [1.0] * len(rewards))
-    mse: dict[str, list[torch.Tensor]] = {k: [] for k in ("output_in", "output_out", "draft_in", "draft_out")}
+    regions = {"in": MaskedMSE("inside"), "out": MaskedMSE("outside")}
+    mse: dict[str, list[torch.Tensor]] = {f"{w}_{r}": [] for w in ("output", "draft") for r in regions}
     scores = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_triplets)
-    for i, batch in enumerate(loader):
-        out = sample_images(
-            policy,
-            batch,
-            num_steps=num_steps,
-            seed=seed + i,
-            start_sigma=start_sigma,
-            paste=paste,
-            true_cfg_scale=true_cfg_scale,
-            negative_prompt=negative_prompt,
-            micro_batch=batch_size,
-            transformer=transformer,
-        ).cpu()
+    for idx in record_batches(dataset, range(len(dataset)), batch_size):
+        batch = load_batch(dataset, idx)
+        out = sample_batch(policy, batch, sampler, transformer)
         if "target" in batch:
-            t, d, m = batch["target"], batch["draft"], batch["mask"]
-            for name, a, w in (("output", out, m), ("draft", d, m)):
-                mse[f"{name}_in"].append(masked_mse(a, t, w))
-                mse[f"{name}_out"].append(masked_mse(a, t, 1 - w))
+            for who, images in (("output", out), ("draft", batch["draft"].float())):
+                for r, metric in regions.items():
+                    mse[f"{who}_{r}"].append(metric(images, batch).values)
         if rewards:
             columns = {**reward_columns(batch), **(reward_extras or {})}
             scores.append(score_batch(rewards, batch["prompt"], list(out), columns).scores)
@@ -111,3 +92,23 @@ def evaluate(
 
 def _nanmean(x: torch.Tensor) -> float:
     return float(torch.nanmean(x.double())) if x.numel() else float("nan")
+
+
+def before_after_table(rows: Sequence[tuple[str, dict]]) -> str:
+    """The demo's before/after table: one row per ``(label, evaluate(...) result)`` with the in-mask and outside MSE
+    and the in-mask ratio to the draft, as the eval command's Markdown table (means only: ``evaluate`` keeps no
+    per-record values). A result without targets shows ``n/a``."""
+    from refiner_rl.evaluation.report import markdown_table
+
+    columns = [("mse_in", False), ("mse_out", False), ("in / draft", False)]
+    keys = {"mse_in": "mse_output_in", "mse_out": "mse_output_out", "in / draft": "mse_in_ratio"}
+    summary = {}
+    for label, r in rows:
+        cells = {}
+        for col, _ in columns:
+            v = r.get(keys[col])
+            known = v is not None and v == v
+            cells[col] = {"mean": v if known else float("nan"), "ci95": float("nan"), "n": int(known), "total": 1}
+            cells[col]["not_scored"] = {}
+        summary[label] = cells
+    return markdown_table(summary, columns)

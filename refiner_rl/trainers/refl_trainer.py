@@ -1,0 +1,358 @@
+"""Reward-gradient training (ReFL) of a flow-matching editor against a reference image (OneReward, arXiv 2508.21066).
+
+Read top to bottom, one step is:
+1. draw the task k ~ ``task_mix`` and the trained step t ~ U{t1..t2} (keyed by seed and step: every process draws the
+   same), and per sample the noises eps1, eps2 (keyed by seed, step and record: independent of the process);
+2. x_ref: the reference policy's full ODE sample from eps1 (no gradient): the LoRA switched off or a frozen copy
+   (Alg. 1), or the EMA of the policy swapped in (Alg. 2);
+3. the policy samples from eps2 down to sigma_t without gradient (:func:`refiner_rl.rollout.rollout`), then predicts
+   ``x0 = x_t - sigma_t v_theta(x_t)`` in one forward WITH gradient, decoded with gradient;
+4. every reward of task k scores x_theta through :meth:`Reward.score_tensors` (x_ref is the ``baseline`` column a
+   pairwise judge compares with); loss = the weighted hinge of :func:`refl_loss`, one backward.
+Only the one-step forward, the decode of x_theta and the rewards are differentiated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from refiner_rl.configs import resolve_policy
+from refiner_rl.data import BucketBatchOrderSampler, TripletDataset, collate_triplets
+from refiner_rl.distributed import frozen_model_context, keyed_generator, occurrence_keys
+from refiner_rl.errors import CheckpointError, ConfigError
+from refiner_rl.evaluation import reward_columns
+from refiner_rl.policies.kontext import KontextPolicy, unpack_latents
+from refiner_rl.rollout import initial_latents, paste_back, rollout, sampling_sigmas
+from refiner_rl.sampling import batch_conditions, sample_images, sample_trajectories
+from refiner_rl.scoring.base import BASELINE_FIELD, Reward
+from refiner_rl.scoring.registry import build_reward_funcs, check_required_fields, reward_labels
+from refiner_rl.trainers.base import PolicyTrainerMixin
+from refiner_rl.trainers.ema import EMA, EMACallback
+from refiner_rl.trainers.grpo_trainer import EMA_FILE, EVAL_SEED, FlowGRPOTrainer
+from refiner_rl.trainers.refl_config import FlowReFLConfig
+
+logger = logging.getLogger(__name__)
+
+
+def refl_loss(scores: torch.Tensor, weights: torch.Tensor, margin: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, active)`` of rewards ``scores`` ``[B, K]`` (NaN = not scored, left out of its mean) with weights ``[K]``:
+
+        loss = (1 / K) sum_k w_k mean_i max(0, margin - r_ik)      (margin None: -r_ik, no hinge)
+
+    ``active``: the fraction of scored (sample, reward) pairs whose hinge is on (``r < margin``; 1 without a margin)."""
+    valid = ~torch.isnan(scores)
+    r = torch.where(valid, scores, torch.zeros_like(scores))
+    per = -r if margin is None else torch.relu(margin - r)
+    per_reward = (per * valid).sum(0) / valid.sum(0).clamp(min=1)
+    loss = (weights.to(per_reward) * per_reward).sum() / scores.shape[1]
+    on = valid if margin is None else valid & (r < margin)
+    return loss, on.sum() / valid.sum().clamp(min=1)
+
+
+class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
+    """Reward-gradient fine-tuning of a :class:`KontextPolicy` with differentiable rewards."""
+
+    def __init__(
+        self,
+        model: KontextPolicy | str,
+        reward_funcs=None,
+        args: FlowReFLConfig | None = None,
+        train_dataset: TripletDataset | None = None,
+        eval_dataset: TripletDataset | None = None,
+        peft_config=None,
+        callbacks=None,
+    ):
+        """TRL's signature, as :class:`FlowGRPOTrainer`'s. ``reward_funcs`` (or ``args.rewards``) must all be
+        differentiable: a reward without ``differentiable = True`` (a plain function included) is a ConfigError."""
+        if args is None:
+            args = self.default_args(model, FlowReFLConfig, "ReFL")
+        if reward_funcs is None:
+            if not args.rewards:
+                raise ConfigError("no rewards: give `reward_funcs` to the trainer or a `rewards:` list in the config")
+            reward_funcs = args.rewards
+        rewards = build_reward_funcs(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+        self.reward_names = reward_labels(rewards)
+        for name, r in zip(self.reward_names, rewards):
+            if not getattr(r, "differentiable", False):
+                raise ConfigError(
+                    f"reward {name!r} is not differentiable: refl back-propagates each reward into the image, so it "
+                    "needs a Reward with differentiable = True and score_tensors (masked_pixel, patch_dreamsim, "
+                    "dino_similarity, pairwise vlm_judge); train with it through `refiner-rl grpo` instead"
+                )
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(rewards)
+        if len(weights) != len(rewards):
+            raise ConfigError(f"`reward_weights` has {len(weights)} entries for {len(rewards)} rewards")
+        self.rewards, self.reward_weights = rewards, torch.tensor([float(w) for w in weights])
+        self.task_rewards = _task_rewards(args.task_mix, rewards, self.reward_names)
+        # per-dimension metric names: a judge entry is named by its dimension(s), other rewards by their label
+        self.metric_names = [
+            "+".join(r.dimensions) if getattr(r, "dimensions", None) else name
+            for name, r in zip(self.reward_names, rewards)
+        ]
+        if train_dataset is not None and getattr(train_dataset, "has_field", None) is not None:
+            has_target = {"target"} if train_dataset.has_field("target") else set()
+            check_required_fields(rewards, {"prompt", "draft", "reference", "mask", BASELINE_FIELD} | has_target)
+        policy = resolve_policy(model, args, peft_config)
+        super().__init__(policy, args, train_dataset, eval_dataset, callbacks)
+        self.model_accepts_loss_kwargs = False  # compute_loss returns a per-micro-batch mean
+        for r in rewards:
+            r.to(self.accelerator.device)
+        self.ref_transformer = None
+        if args.reference == "frozen" and not policy.has_lora:
+            with frozen_model_context():
+                self.ref_transformer = copy.deepcopy(policy.transformer).eval().requires_grad_(False)
+        self.ema = EMA(policy.transformer, args.ema_decay) if args.reference == "ema" else None
+        if self.ema is not None:
+            self.add_callback(EMACallback(self))
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._last_samples: dict | None = None
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(ds, TripletDataset) and ds.buckets:
+            return BucketBatchOrderSampler(ds, self._train_batch_size, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()
+
+    # ------------------------------------------------------------------------------------------------ draws
+    def draw_task_and_step(self) -> tuple[str, int]:
+        """Task ``k ~ task_mix`` and trained step ``t ~ U{t1..t2}`` of this optimizer step (the same on every process
+        and on a resumed run)."""
+        a = self.args
+        g = keyed_generator(a.seed, self.state.global_step, -1)
+        tasks = list(a.task_mix)
+        k = int(torch.multinomial(torch.tensor([a.task_mix[x] for x in tasks]), 1, generator=g))
+        t = int(torch.randint(a.t1, a.t2 + 1, (1,), generator=g))
+        return tasks[k], t
+
+    def _generators(self, inputs: dict, which: int) -> list[torch.Generator]:
+        """One generator per sample keyed by (seed, step, record, occurrence, which): eps1 (1) and eps2 (2)."""
+        step = self.state.global_step
+        return [keyed_generator(self.args.seed, step, i, k, which) for i, k in occurrence_keys(inputs["index"])]
+
+    # --------------------------------------------------------------------------------------------- images
+    @contextlib.contextmanager
+    def reference_transformer(self, model):
+        """The reference policy's transformer inside the context: ``model`` with the EMA weights swapped in, the
+        frozen copy (full fine-tuning), or ``model`` with its LoRA switched off."""
+        if self.ema is not None:
+            with self.ema.applied(self.accelerator.unwrap_model(model)):
+                yield model
+        elif self.ref_transformer is not None:
+            yield self.ref_transformer
+        else:
+            with self.policy.adapter_disabled(model):
+                yield model
+
+    @torch.no_grad()
+    def reference_images(self, model, inputs: dict, cond) -> torch.Tensor:
+        """x_ref ``[B, 3, H, W]``: the reference policy's full ODE sample from eps1, without gradient."""
+        a = self.args
+        with self.reference_transformer(model) as ref:
+            return sample_trajectories(
+                self.policy,
+                inputs,
+                cond,
+                num_steps=a.num_inference_steps,
+                generator=self._generators(inputs, 1),
+                start_sigma=a.start_sigma,
+                paste=a.paste_back,
+                transformer=ref,
+            )[2]
+
+    def one_step_images(self, model, inputs: dict, cond, t: int) -> torch.Tensor:
+        """x_theta ``[B, 3, H, W]``: the policy's steps ``0..t-1`` from eps2 without gradient, then
+        ``x0 = x_t - sigma_t v_theta(x_t)`` and its decode WITH gradient."""
+        a, policy = self.args, self.policy
+        sigmas = sampling_sigmas(a.num_inference_steps, cond.num_target_tokens, a.start_sigma)
+        draft = policy.encode_images(inputs["draft"].to(policy.device)) if a.start_sigma < 1 else None
+        with torch.no_grad():
+            x = initial_latents(policy, cond, self._generators(inputs, 2), float(sigmas[0]), draft)
+            if t > 0:
+                x = rollout(policy, cond, sigmas[: t + 1], x=x, transformer=model).latents
+        s = float(sigmas[t])
+        v = policy.velocity(x, torch.full((x.shape[0],), s, device=x.device), cond, transformer=model)
+        x0 = x - s * v
+
+        def decode(z):
+            return policy.codec.decode(unpack_latents(z.float(), *cond.grid)).float()
+
+        images = checkpoint(decode, x0, use_reentrant=False) if a.decode_checkpointing else decode(x0)
+        if a.paste_back:
+            images = paste_back(images, inputs["draft"], inputs["mask"])
+        return images
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """:func:`refl_loss` of the task's rewards on x_theta (against x_ref), from one differentiated forward."""
+        task, t = self.draw_task_and_step()
+        cond, _ = batch_conditions(self.policy, inputs)
+        x_ref = self.reference_images(model, inputs, cond)
+        images = self.one_step_images(model, inputs, cond, t)
+        columns = {**reward_columns(inputs), "prompt": list(inputs["prompt"]), BASELINE_FIELD: x_ref}
+        idx = self.task_rewards[task]
+        scores = torch.stack([self.rewards[j].score_tensors(images, columns).to(images.device) for j in idx], 1)
+        loss, active = refl_loss(scores, self.reward_weights[idx], self.args.margin)
+        self._record(task, t, idx, scores.detach(), active, inputs, images, x_ref)
+        return (loss, {"images": images}) if return_outputs else loss
+
+    def _record(self, task, t, idx, scores, active, inputs, images, x_ref) -> None:
+        m = self._metrics
+        means = torch.nanmean(scores, 0).tolist()
+        for j, mean in zip(idx, means):
+            m[f"rewards/{task}/{self.metric_names[j]}/mean"].append(mean)
+        w = self.reward_weights[idx]
+        m["reward"].append(float((w * torch.tensor(means)).sum() / len(idx)))
+        m["hinge_active_frac"].append(float(active))
+        m["t"].append(float(t))
+        for name in self.args.task_mix:
+            m[f"task/{name}"].append(float(name == task))
+        full = torch.full((scores.shape[0], len(self.rewards)), float("nan"))
+        full[:, idx] = scores.float().cpu()
+        self._last_samples = {
+            "batch": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
+            "images": images.detach().float().cpu(),
+            "x_ref": x_ref.float().cpu(),
+            "scores": full,
+            "total": (torch.nan_to_num(full[:, idx]) * w).sum(1) / len(idx),
+        }
+
+    # ------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+        if metrics and self.accelerator.num_processes > 1:  # per-process means: averaged as the loss is
+            keys = sorted(metrics)
+            vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            metrics = dict(zip(keys, self.accelerator.reduce(vals, reduction="mean").tolist()))
+        super().log({**logs, **metrics}, start_time)
+        self._metrics.clear()
+        if self.args.log_samples and self._last_samples is not None and self.accelerator.is_main_process:
+            self._log_sample_table()
+
+    _log_sample_table = FlowGRPOTrainer._log_sample_table  # the same W&B table as GRPO's
+
+    def sample_grid_rows(self) -> list[list[torch.Tensor]] | None:
+        """draft | reference | x_theta | target | x_ref of the last training batch."""
+        rows = super().sample_grid_rows()
+        return None if rows is None else [row + [self._last_samples["x_ref"][i]] for i, row in enumerate(rows)]
+
+    # ------------------------------------------------------------------------------------------ held-out
+    def evaluation_settings(self) -> dict:
+        """Keyword arguments of :func:`refiner_rl.evaluation.evaluate`: this config's ODE sampler, its rewards and
+        weights, fixed noise (``EVAL_SEED``). Rewards that read the ``baseline`` column get the reference policy's
+        held-out samples (:meth:`evaluate` makes them)."""
+        a = self.args
+        baseline = getattr(self, "_eval_baseline", None)
+        return dict(
+            num_steps=a.num_inference_steps,
+            batch_size=a.per_device_eval_batch_size,
+            seed=EVAL_SEED,
+            start_sigma=a.start_sigma,
+            paste=a.paste_back,
+            rewards=[WithBaseline(r, baseline) if _reads_baseline(r) and baseline else r for r in self.rewards],
+            reward_weights=self.reward_weights.tolist(),
+            reward_names=self.reward_names,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out metrics of the policy's own weights (never the EMA reference's), as GRPO's evaluation: masked
+        MSE and the rewards' ``score`` means. A pairwise judge against x_ref scores the policy's sample against the
+        reference policy's sample of the same record and noise (P(Yes | x_theta, x_ref): about its value for two
+        equal images at the start)."""
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        self._eval_baseline = None
+        if ds is not None and any(_reads_baseline(r) for r in self.rewards):
+            self._eval_baseline = self._held_out_references(ds)
+        return FlowGRPOTrainer.evaluate(self, eval_dataset, ignore_keys, metric_key_prefix, use_ema=False)
+
+    def _held_out_references(self, ds) -> dict[int, torch.Tensor]:
+        """The reference policy's ODE sample of every held-out record (by record index), drawn with the noise the
+        held-out evaluation gives the policy (batch ``i`` from ``EVAL_SEED + i``)."""
+        a, model = self.args, self.accelerator.unwrap_model(self.model)
+        loader = DataLoader(ds, batch_size=a.per_device_eval_batch_size, shuffle=False, collate_fn=collate_triplets)
+        out = {}
+        with self.reference_transformer(model) as ref:
+            for i, batch in enumerate(loader):
+                images = sample_images(
+                    self.policy,
+                    batch,
+                    num_steps=a.num_inference_steps,
+                    seed=EVAL_SEED + i,
+                    start_sigma=a.start_sigma,
+                    paste=a.paste_back,
+                    micro_batch=a.per_device_eval_batch_size,
+                    transformer=ref,
+                ).cpu()
+                out.update(zip(batch["index"].tolist(), images))
+        return out
+
+    # ------------------------------------------------------------------------------------- checkpointing
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The live weights (base class) plus, with the EMA reference, its shadow ``ema_state.pt`` (for resume)."""
+        super()._save(output_dir, state_dict)
+        if self.ema is None or not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        tmp = os.path.join(output_dir, EMA_FILE + ".tmp")
+        torch.save(self.ema.state_dict(), tmp)
+        os.replace(tmp, os.path.join(output_dir, EMA_FILE))
+
+    def _load_extra_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, EMA_FILE)
+        if self.ema is not None:
+            if not os.path.isfile(path):
+                raise CheckpointError(
+                    f"reference: ema but {path} is missing: resume with the reference it was written with"
+                )
+            self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _task_rewards(task_mix: dict[str, float], rewards, names: list[str]) -> dict[str, list[int]]:
+    """Indices of the rewards that score each task: a reward with a ``task`` attribute scores that task only, one
+    without scores every task. ConfigError for a task with no reward, or a reward whose task is never drawn."""
+    out = {task: [] for task in task_mix}
+    for j, r in enumerate(rewards):
+        task = getattr(r, "task", None)
+        if task is None:
+            for ids in out.values():
+                ids.append(j)
+        elif task in out:
+            out[task].append(j)
+        else:
+            raise ConfigError(
+                f"reward {names[j]!r} scores task {task!r}, which `task_mix` ({', '.join(task_mix)}) never draws: "
+                "add it to task_mix or remove the reward"
+            )
+    empty = [task for task, ids in out.items() if not ids]
+    if empty:
+        raise ConfigError(
+            f"`task_mix` task(s) {', '.join(map(repr, empty))} have no reward: add a reward with that task"
+        )
+    return out
+
+
+def _reads_baseline(reward) -> bool:
+    return BASELINE_FIELD in getattr(reward, "required_fields", ())
+
+
+class WithBaseline(Reward):
+    """``reward`` with the ``baseline`` column filled from ``images`` (record index -> image), for held-out scoring."""
+
+    def __init__(self, reward: Reward, images: dict[int, torch.Tensor]):
+        super().__init__(device=reward.device, dtype=reward.dtype)
+        self.reward, self.images = reward, images
+        self.name, self.required_fields = reward.name, reward.required_fields
+
+    def score(self, prompts, completions, **columns) -> list[float | None]:
+        baseline = [self.images[int(i)] for i in columns["index"]]
+        return self.reward.score(prompts, completions, **{**columns, BASELINE_FIELD: baseline})

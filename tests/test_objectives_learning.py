@@ -1,0 +1,80 @@
+"""DiffusionNFT and Advantage Weighted Matching learn on the tiny task, as GRPO does in tests/test_grpo_learning.py
+(its settings, rollouts and advantages; only what trains on them differs): the training reward rises, the held-out
+masked_pixel reward improves by >= 5% over the starting policy, and negating the reward weight moves it the other way.
+
+The rollout is the ODE sampler (4 steps from the draft noised to sigma 0.6, pasted back outside the mask), each
+sample from its own noise; each clean sample is re-noised at 2 times drawn uniformly in [0, 0.6]; per-token
+advantages from masked_pixel's 4 px patches (one token each); AdamW 1e-2 without KL. Measured while writing this
+test on the shared 2-core CPU (0.35-0.7 s/step): NFT +7.2% and AWM +7.9% held-out after 80 steps, and the negated
+weight doubles the masked error within 30 steps (held-out -92% / -109%).
+"""
+
+import pytest
+
+from refiner_rl.data import TripletDataset, synthetic_records
+from refiner_rl.trainers.grpo_config import FlowGRPOConfig
+from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
+from tests.helpers import small_policy
+from tests.test_grpo_learning import SIZE, _mean, _rel, _unprefixed
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def _run(tmp_path, objective: str, sign: float, steps: int) -> dict:
+    args = FlowGRPOConfig(
+        output_dir=str(tmp_path),
+        objective=objective,
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        num_generations=8,
+        num_inference_steps=4,
+        train_timesteps=2,
+        start_sigma=0.6,
+        paste_back=True,
+        spatial_advantage_mix=1.0,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        beta=0.0,
+        rewards=[{"name": "masked_pixel", "weight": sign, "patch_size": 4}],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        log_samples=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    train = TripletDataset(synthetic_records(64, seed=0, size=SIZE), None, multiple=4)
+    held_out = TripletDataset(synthetic_records(16, seed=1, size=SIZE), None, multiple=4)
+    trainer = FlowGRPOTrainer(small_policy(), args=args, train_dataset=train, eval_dataset=held_out)
+    before = _unprefixed(trainer.evaluate())
+    trainer.train()
+    after = _unprefixed(trainer.evaluate())
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    return {"before": before, "after": after, "logs": logs}
+
+
+def _trend(logs: list[dict], key: str) -> float:
+    """Relative change of a logged value from the first 20% of the steps to the last 20%."""
+    vals = [h[key] for h in logs]
+    n = len(vals) // 5
+    return _rel(_mean(vals[:n]), _mean(vals[-n:]))
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_reward_rises_held_out_improves_and_negated_weights_reverse_it(tmp_path, objective):
+    key = "rewards/masked_pixel/mean"  # the raw term (unweighted): the same direction in both runs
+    runs = {
+        "up": _run(tmp_path / "up", objective, +1.0, steps=80),
+        "down": _run(tmp_path / "down", objective, -1.0, 30),
+    }
+    held_out = {k: _rel(r["before"][key], r["after"][key]) for k, r in runs.items()}
+    training = {k: _trend(r["logs"], key) for k, r in runs.items()}
+    print(f"{objective}: held-out masked_pixel change {held_out}, training trend {training}")
+    assert len(runs["up"]["logs"]) == 80
+    # (a) the training reward rises by >= 5% of |reward| (first 20% of steps vs last 20%); the negated run's falls
+    assert training["up"] > 0.05 and training["down"] < 0, training
+    # (b) held-out: >= 5% better with the reward, >= 5% worse with it negated
+    assert held_out["up"] >= 0.05 and held_out["down"] <= -0.05, held_out
+    down = runs["down"]
+    assert down["after"]["reward"] > down["before"]["reward"]  # the negated composite itself rises: it was optimised
