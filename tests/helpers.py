@@ -27,6 +27,28 @@ def perturb_lora(policy: KontextPolicy, scale: float = 0.05, seed: int = 1) -> N
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+# Trainer options every test run shares: log each step, no checkpoints, no reporters, CPU, no bars, seed 0.
+QUIET = dict(logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+
+
+def learning_run(trainer_cls, args, size: int) -> dict:
+    """Train a small policy on 64 synthetic triplets and evaluate 16 held-out ones before and after: the learning
+    tests' common run. Returns ``{"before", "after"}`` held-out metrics without the ``eval_`` prefix and ``logs``
+    (the logged steps that carry a reward)."""
+    train = TripletDataset(synthetic_records(64, seed=0, size=size), None, multiple=4)
+    held_out = TripletDataset(synthetic_records(16, seed=1, size=size), None, multiple=4)
+    trainer = trainer_cls(small_policy(), args=args, train_dataset=train, eval_dataset=held_out)
+    before = unprefixed(trainer.evaluate())
+    trainer.train()
+    after = unprefixed(trainer.evaluate())
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    return {"before": before, "after": after, "logs": logs}
+
+
+def unprefixed(metrics: dict) -> dict:
+    return {k.removeprefix("eval_"): v for k, v in metrics.items()}
+
+
 def synthetic_dataset(n: int = 8, seed: int = 0, size: int = 32, **kw) -> TripletDataset:
     return TripletDataset(synthetic_records(n, seed=seed, size=size), None, multiple=4, **kw)
 

@@ -15,7 +15,7 @@ from refiner_rl.scoring import to_pil
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 from tests import reward_functions as rf
-from tests.helpers import SMALL, small_policy, synthetic_dataset
+from tests.helpers import QUIET, SMALL, small_policy, synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,12 +26,7 @@ TINY = dict(
     sde_window_size=1,
     beta=0.0,
     learning_rate=1e-3,
-    logging_steps=1,
-    save_strategy="no",
-    report_to="none",
-    use_cpu=True,
-    disable_tqdm=True,
-    seed=0,
+    **QUIET,
 )
 
 

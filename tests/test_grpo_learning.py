@@ -13,10 +13,9 @@ same budget does not learn (held-out -7.5%); with independent initial noise the 
 import pytest
 import torch
 
-from refiner_rl.data import TripletDataset, synthetic_records
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
-from tests.helpers import small_policy
+from tests.helpers import QUIET, learning_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 SIZE = 16
@@ -62,25 +61,9 @@ def _run(tmp_path, dino_dir: str, sign: float, steps: int) -> dict:
         lr_scheduler_type="linear",
         beta=0.0,
         rewards=rewards,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
+        **QUIET,
     )
-    train = TripletDataset(synthetic_records(64, seed=0, size=SIZE), None, multiple=4)
-    held_out = TripletDataset(synthetic_records(16, seed=1, size=SIZE), None, multiple=4)
-    trainer = FlowGRPOTrainer(small_policy(), args=args, train_dataset=train, eval_dataset=held_out)
-    before = _unprefixed(trainer.evaluate())
-    trainer.train()
-    after = _unprefixed(trainer.evaluate())
-    logs = [h for h in trainer.state.log_history if "reward" in h]
-    return {"before": before, "after": after, "logs": logs}
-
-
-def _unprefixed(metrics: dict) -> dict:
-    return {k.removeprefix("eval_"): v for k, v in metrics.items()}
+    return learning_run(FlowGRPOTrainer, args, SIZE)
 
 
 def _mean(xs):

@@ -11,11 +11,10 @@ weight doubles the masked error within 30 steps (held-out -92% / -109%).
 
 import pytest
 
-from refiner_rl.data import TripletDataset, synthetic_records
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
-from tests.helpers import small_policy
-from tests.test_grpo_learning import SIZE, _mean, _rel, _unprefixed
+from tests.helpers import QUIET, learning_run
+from tests.test_grpo_learning import SIZE, _mean, _rel
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -36,22 +35,10 @@ def _run(tmp_path, objective: str, sign: float, steps: int) -> dict:
         lr_scheduler_type="linear",
         beta=0.0,
         rewards=[{"name": "masked_pixel", "weight": sign, "patch_size": 4}],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
         log_samples=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
+        **QUIET,
     )
-    train = TripletDataset(synthetic_records(64, seed=0, size=SIZE), None, multiple=4)
-    held_out = TripletDataset(synthetic_records(16, seed=1, size=SIZE), None, multiple=4)
-    trainer = FlowGRPOTrainer(small_policy(), args=args, train_dataset=train, eval_dataset=held_out)
-    before = _unprefixed(trainer.evaluate())
-    trainer.train()
-    after = _unprefixed(trainer.evaluate())
-    logs = [h for h in trainer.state.log_history if "reward" in h]
-    return {"before": before, "after": after, "logs": logs}
+    return learning_run(FlowGRPOTrainer, args, SIZE)
 
 
 def _trend(logs: list[dict], key: str) -> float:

@@ -16,7 +16,7 @@ from refiner_rl.data import TripletDataset, synthetic_records
 from refiner_rl.errors import ConfigError
 from refiner_rl.trainers.refl_config import FlowReFLConfig
 from refiner_rl.trainers.refl_trainer import FlowReFLTrainer, refl_loss
-from tests.helpers import small_policy
+from tests.helpers import QUIET, small_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 16
@@ -37,12 +37,7 @@ def _config(out, **kw) -> FlowReFLConfig:
         lr_scheduler_type="constant",
         rewards=[{"name": "masked_pixel"}],
         margin=None,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
+        **QUIET,
     )
     return FlowReFLConfig(**{**base, **kw})
 

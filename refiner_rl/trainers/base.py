@@ -25,7 +25,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from refiner_rl.distributed import fill_deepspeed_auto_values, gathered_state_dict, is_zero3
-from refiner_rl.errors import CheckpointError
+from refiner_rl.errors import CheckpointError, ConfigError
 from refiner_rl.trainers.checkpoints import (
     STAGING_PREFIX,
     TRAINER_STATE,
@@ -73,6 +73,27 @@ class PolicyTrainerMixin:
         return config_cls(output_dir=f"{name.rstrip('/').split('/')[-1]}-{suffix}")
 
     # ---------------------------------------------------------------------------------------------- resume
+    def _set_rewards(self, reward_funcs, args) -> list:
+        """Resolve TRL-style ``reward_funcs`` (one item or a list; ``None`` takes ``args.rewards``) into reward
+        objects, and set ``self.rewards``, ``self.reward_names`` and ``self.reward_weights`` (from
+        ``args.reward_weights``, default 1 each). ConfigError when there are no rewards or the weights do not match."""
+        from refiner_rl.scoring.registry import build_reward_funcs, reward_labels
+
+        if reward_funcs is None:
+            if not args.rewards:
+                raise ConfigError(
+                    "no rewards: give `reward_funcs` to the trainer or a `rewards:` list in the config "
+                    "(see `refiner-rl rewards list`)"
+                )
+            reward_funcs = args.rewards
+        rewards = build_reward_funcs(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(rewards)
+        if len(weights) != len(rewards):
+            raise ConfigError(f"`reward_weights` has {len(weights)} entries for {len(rewards)} rewards")
+        self.rewards, self.reward_names = rewards, reward_labels(rewards)
+        self.reward_weights = torch.tensor([float(w) for w in weights])
+        return rewards
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train`` with ``resume_from_checkpoint`` = ``True``/``"true"``/``"latest"`` (newest
         ``checkpoint-N`` of ``output_dir``), ``"latest_valid"`` (newest intact one) or a path; the checkpoint is

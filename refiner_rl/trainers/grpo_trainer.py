@@ -42,14 +42,14 @@ from refiner_rl.configs import resolve_policy
 from refiner_rl.data import TripletDataset
 from refiner_rl.distributed import keyed_generator
 from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
-from refiner_rl.errors import CheckpointError, ConfigError, RewardError
+from refiner_rl.errors import CheckpointError, RewardError
 from refiner_rl.evaluation import evaluate, reward_columns
 from refiner_rl.policies.kontext import Conditions, KontextPolicy
 from refiner_rl.rollout import Trajectory
 from refiner_rl.sampling import batch_conditions, sample_trajectories
 from refiner_rl.scoring.aggregate import compute_advantages, spatial_advantages
 from refiner_rl.scoring.batch import score_batch
-from refiner_rl.scoring.registry import build_reward_funcs, check_required_fields, reward_labels
+from refiner_rl.scoring.registry import check_required_fields
 from refiner_rl.trainers import objectives
 from refiner_rl.trainers.backward import backward_per_term, per_term_backward_supported
 from refiner_rl.trainers.base import (
@@ -93,20 +93,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         if args is None:
             args = self.default_args(model, FlowGRPOConfig, "GRPO")
         policy = resolve_policy(model, args, peft_config)
-        if reward_funcs is None:
-            if not args.rewards:
-                raise ConfigError(
-                    "no rewards: give `reward_funcs` to the trainer or a `rewards:` list in the config "
-                    "(see `refiner-rl rewards list`)"
-                )
-            reward_funcs = args.rewards
-        rewards = build_reward_funcs(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
-        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(rewards)
-        if len(weights) != len(rewards):
-            raise ConfigError(f"`reward_weights` has {len(weights)} entries for {len(rewards)} rewards")
-        self.reward_weights = torch.tensor([float(w) for w in weights])
-        self.rewards = rewards
-        self.reward_names = reward_labels(rewards)
+        rewards = self._set_rewards(reward_funcs, args)
         if train_dataset is not None:
             columns = {"prompt", "draft", "reference", "mask"} | ({"target"} if _has_target(train_dataset) else set())
             check_required_fields(rewards, columns)

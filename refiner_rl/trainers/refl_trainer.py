@@ -34,7 +34,7 @@ from refiner_rl.policies.kontext import KontextPolicy, unpack_latents
 from refiner_rl.rollout import initial_latents, paste_back, rollout, sampling_sigmas
 from refiner_rl.sampling import batch_conditions, sample_images, sample_trajectories
 from refiner_rl.scoring.base import BASELINE_FIELD, Reward
-from refiner_rl.scoring.registry import build_reward_funcs, check_required_fields, reward_labels
+from refiner_rl.scoring.registry import check_required_fields
 from refiner_rl.trainers.base import PolicyTrainerMixin
 from refiner_rl.trainers.ema import EMA, EMACallback
 from refiner_rl.trainers.grpo_trainer import EMA_FILE, EVAL_SEED, FlowGRPOTrainer
@@ -75,12 +75,7 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
         differentiable: a reward without ``differentiable = True`` (a plain function included) is a ConfigError."""
         if args is None:
             args = self.default_args(model, FlowReFLConfig, "ReFL")
-        if reward_funcs is None:
-            if not args.rewards:
-                raise ConfigError("no rewards: give `reward_funcs` to the trainer or a `rewards:` list in the config")
-            reward_funcs = args.rewards
-        rewards = build_reward_funcs(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
-        self.reward_names = reward_labels(rewards)
+        rewards = self._set_rewards(reward_funcs, args)
         for name, r in zip(self.reward_names, rewards):
             if not getattr(r, "differentiable", False):
                 raise ConfigError(
@@ -88,10 +83,6 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
                     "needs a Reward with differentiable = True and score_tensors (masked_pixel, patch_dreamsim, "
                     "dino_similarity, pairwise vlm_judge); train with it through `refiner-rl grpo` instead"
                 )
-        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(rewards)
-        if len(weights) != len(rewards):
-            raise ConfigError(f"`reward_weights` has {len(weights)} entries for {len(rewards)} rewards")
-        self.rewards, self.reward_weights = rewards, torch.tensor([float(w) for w in weights])
         self.task_rewards = _task_rewards(args.task_mix, rewards, self.reward_names)
         # per-dimension metric names: a judge entry is named by its dimension(s), other rewards by their label
         self.metric_names = [
