@@ -32,3 +32,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service():
+    """A test that runs W&B inside the pytest process starts a W&B service and exports ``WANDB_SERVICE``; every later
+    subprocess (the CLI tests) would then share that service, which still holds the ids of runs other subprocesses
+    opened, so a resumed run's id is refused ("run ID ... is in use"). Tear the service down after such a test."""
+    yield
+    if "WANDB_SERVICE" in os.environ:
+        import wandb
+
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
