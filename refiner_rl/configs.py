@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refiner_rl.policies.kontext import DEFAULT_LORA_TARGETS
+from refiner_rl.policies.kontext import DEFAULT_LORA_TARGETS, REFERENCE_POSITIONS
 
 
 def _as_dict(value, name: str) -> dict:
@@ -62,6 +62,13 @@ class ModelArguments:
     reference_id: int = field(
         default=2, metadata={"help": "RoPE id channel-0 value of the reference tokens (target 0, draft 1)."}
     )
+    reference_positions: str = field(
+        default="grid",
+        metadata={
+            "help": "RoPE row/col ids of the reference tokens: grid (their own grid), none (all 0: found by content "
+            "only) or beside (the grid moved right of the draft's)."
+        },
+    )
     guidance_scale: float = field(
         default=2.5,
         metadata={
@@ -89,6 +96,10 @@ class ModelArguments:
             raise ValueError(f"`torch_dtype` must be auto, bfloat16, float16 or float32, got {self.torch_dtype!r}")
         if self.lora_r < 1:
             raise ValueError("`lora_r` must be >= 1")
+        if self.reference_positions not in REFERENCE_POSITIONS:
+            raise ValueError(
+                f"`reference_positions` must be one of {', '.join(REFERENCE_POSITIONS)}, got {self.reference_positions!r}"
+            )
 
     def lora_config(self):
         """The peft ``LoraConfig`` these arguments describe, or None without ``use_lora``."""
@@ -121,7 +132,8 @@ class DataArguments:
         dataset_num_proc (processes of the validation pass), dataset_cache_dir (where ``datasets`` keeps the
         Arrow files and the cached validation; a second start with the same files skips validation).
     Synthetic set:
-        synthetic_records, synthetic_eval_records, synthetic_size, synthetic_seed; the reference's geometry
+        synthetic_records, synthetic_eval_records, synthetic_size, synthetic_seed, synthetic_curriculum (SFT: phases
+        of geometry mixes, e.g. aligned first, then shifted and zoomed); the reference's geometry
         (synthetic_geometry and its synthetic_shift_fraction, synthetic_shift_step, synthetic_zoom_range, synthetic_warp,
         synthetic_color_jitter), synthetic_degrade, synthetic_textures.
     """
@@ -176,6 +188,15 @@ class DataArguments:
             "comma list of them (an even mix) or name=weight pairs (e.g. 'aligned=1,zoomed=3')."
         },
     )
+    synthetic_curriculum: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "SFT curriculum over reference geometries: {geometry mix: fraction of the training steps}, in "
+            "order (e.g. {aligned: 0.25, 'aligned=1,shifted=2,zoomed=2': 0.75}). The training records are split "
+            "between the phases in the same fractions; replaces synthetic_geometry for training (the held-out set "
+            "keeps it)."
+        },
+    )
     synthetic_shift_fraction: float = field(
         default=0.25, metadata={"help": "Largest pan of a `shifted` reference, as a fraction of the image side."}
     )
@@ -213,6 +234,7 @@ class DataArguments:
             raise ConfigError(f"`alpha_background`: {e}") from e
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ConfigError(f"`dataset_num_proc` must be >= 1 or unset, got {self.dataset_num_proc}")
+        self.synthetic_curriculum = _curriculum(self.synthetic_curriculum)
 
     def build(self, *, multiple: int, eval: bool = False):
         """The training (or held-out) :class:`TripletDataset`; ``None`` when no held-out set is asked for."""
@@ -223,14 +245,10 @@ class DataArguments:
             if self.dataset != "synthetic":
                 return None
             source = "synthetic"
+        phases = None
         if source == "synthetic":
-            n = self.synthetic_eval_records if eval else self.synthetic_records
-            seed = self.synthetic_seed + (1 if eval else 0)
-            source = synthetic_records(
-                n,
-                seed=seed,
+            options = dict(
                 size=self.synthetic_size,
-                geometry=self.synthetic_geometry,
                 shift_fraction=self.synthetic_shift_fraction,
                 shift_step=self.synthetic_shift_step,
                 zoom_range=tuple(self.synthetic_zoom_range),
@@ -239,9 +257,19 @@ class DataArguments:
                 degrade=self.synthetic_degrade,
                 textures=self.synthetic_textures,
             )
+            if eval or not self.synthetic_curriculum:
+                n = self.synthetic_eval_records if eval else self.synthetic_records
+                seed = self.synthetic_seed + (1 if eval else 0)
+                source = synthetic_records(n, seed=seed, geometry=self.synthetic_geometry, **options)
+            else:  # phase k: its share of the records, drawn with seed + 1000 k
+                source, phases = [], []
+                for k, (geometry, fraction) in enumerate(self.synthetic_curriculum.items()):
+                    n = max(1, round(self.synthetic_records * fraction))
+                    phases.append((len(source), len(source) + n, fraction))
+                    source += synthetic_records(n, seed=self.synthetic_seed + 1000 * k, geometry=geometry, **options)
         else:
             source = load_records(source, split=self.dataset_split, cache_dir=self.dataset_cache_dir)
-        return TripletDataset(
+        ds = TripletDataset(
             source,
             resolution=self.resolution,
             buckets=self.buckets,
@@ -250,6 +278,30 @@ class DataArguments:
             alpha_background=self.alpha_background,
             num_proc=self.dataset_num_proc,
         )
+        if phases:
+            ds.curriculum = phases  # (first record, end, fraction of the steps) per phase; the SFT sampler reads it
+        return ds
+
+
+def _curriculum(value) -> dict[str, float] | None:
+    """``synthetic_curriculum`` as {geometry mix: fraction of the steps}, fractions summing to 1; None when unset."""
+    from refiner_rl.data.synthetic import parse_geometry
+    from refiner_rl.errors import ConfigError
+
+    try:
+        phases = _as_dict(value, "synthetic_curriculum")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not phases:
+        return None
+    for geometry, fraction in phases.items():
+        parse_geometry(geometry)
+        if not isinstance(fraction, (int, float)) or not fraction > 0:
+            raise ConfigError(
+                f"synthetic_curriculum: the fraction of phase {geometry!r} must be a number > 0, got {fraction!r}"
+            )
+    total = sum(phases.values())
+    return {g: f / total for g, f in phases.items()}
 
 
 def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu"):
@@ -275,6 +327,7 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
             guidance_scale=model_args.guidance_scale,
         )
     policy.guidance_scale = model_args.guidance_scale
+    policy.reference_positions = model_args.reference_positions
     if model_args.use_lora:
         policy.add_lora(model_args.lora_config())
         if model_args.init_lora_path:

@@ -485,7 +485,7 @@ def test_grpo_zero3_resume_restores_optimizer_and_ema(runs):
     """Under DeepSpeed, Trainer never calls _load_from_checkpoint: the EMA must still come back on resume."""
     first = runs("grpo", "zero3")  # checkpoint-1 on the way to step 2
     ck = first / "checkpoint-1"
-    assert (ck / "ema_state.pt").is_file() and list((ck / "global_step1").glob("*optim_states.pt"))
+    assert (ck / "ema_state.safetensors").is_file() and list((ck / "global_step1").glob("*optim_states.pt"))
     resumed = first.parent / "grpo-zero3-resumed"
     launch("grpo", "zero3", resumed, *_grpo_args(str(runs("sft", "1p"))), "--resume_from_checkpoint", str(ck))
     assert_same_logs(first, resumed, rel=("reward", "reward_std", "kl", "grad_norm"), absolute={"loss": 1e-7})

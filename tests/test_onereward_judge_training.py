@@ -1,11 +1,13 @@
 """OneReward judge training end to end: `refiner-rl reward-model` on the tiny recipe (random tiny Qwen2.5-VL,
 synthetic refinement pairs where the preferred image is objectively better), then the saved judge as the
-``vlm_judge`` reward (local, differentiable, and over the OpenAI-compatible server).
+``vlm_judge`` reward (local, differentiable, and over the OpenAI-compatible server). The trained judge is made once
+per session (:func:`trained_tiny_judge`) and shared with the ReFL test that learns from it (tests/test_refl_judge.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -19,31 +21,42 @@ RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipe
 RECIPE, TEMPLATES = os.path.join(RECIPES, "judge_tiny.yaml"), os.path.join(RECIPES, "tiny_templates.yaml")
 
 
+def trained_tiny_judge(tmp_path_factory) -> str:
+    """The judge of the tiny recipe (300 steps), trained once per test session; its folder."""
+    out = tmp_path_factory.getbasetemp() / "trained-tiny-judge"
+    if not (out / "trainer_state.json").is_file():  # written last
+        argv = ["reward-model", "--config", RECIPE, "--templates", TEMPLATES, "--output_dir", str(out)]
+        assert cli_main([*argv, "--disable_tqdm", "true"]) == 0
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def trained_judge(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("judge"))
-    argv = ["reward-model", "--config", RECIPE, "--templates", TEMPLATES, "--output_dir", out]
-    assert cli_main(argv) == 0
+    out = trained_tiny_judge(tmp_path_factory)
     history = json.load(open(os.path.join(out, "trainer_state.json")))["log_history"]
     evals = [h for h in history if "eval_accuracy" in h]
     return out, evals[0], evals[-1], [h for h in history if "loss" in h and "accuracy" in h]
 
 
-def test_judge_training_fits_the_preferences_and_reports_held_out_accuracy(trained_judge):
+def test_judge_learns_the_preferences_well_above_chance_on_held_out_pairs(trained_judge):
     out, before, after, train = trained_judge
     print(
-        f"pairwise accuracy: held-out before {before['eval_accuracy']:.3f}, after {after['eval_accuracy']:.3f}; "
-        f"training (last log) {train[-1]['accuracy']:.3f}, first log {train[0]['accuracy']:.3f}"
+        f"pairwise accuracy: held-out before {before['eval_accuracy']:.3f}, after {after['eval_accuracy']:.3f} "
+        f"(loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}); training (last log) {train[-1]['accuracy']:.3f}"
     )
-    # The tiny random VLM fits its training pairs (accuracy and loss below ln 2, where an undecided judge sits);
-    # on held-out pairs it stays near chance (see the report in docs/algorithms.md#onereward-judge).
-    assert train[-1]["accuracy"] >= 0.6 and train[-1]["loss"] < 0.6931
-    assert before["step"] == 0 and after["step"] == 40 and 0.0 <= after["eval_accuracy"] <= 1.0
+    # 64 held-out pairs, the preferred image first in half of them; a pair counts as right when the order-averaged
+    # score 1/2 [P(Yes | winner, loser) + 1 - P(Yes | loser, winner)] > 1/2, so reading the order alone scores 0.
+    assert before["step"] == 0 and after["step"] == 300
+    assert before["eval_accuracy"] <= 0.6 and before["eval_loss"] > 0.69  # the random judge: chance, loss ~ ln 2
+    assert after["eval_accuracy"] >= 0.75 and after["eval_loss"] < 0.55  # measured: 0.47 -> 0.86, loss 0.70 -> 0.36
+    assert train[-1]["loss"] < math.log(2)
     assert after["eval_accuracy/refine/detail_fidelity"] == after["eval_accuracy"]  # the tiny recipe's one dimension
     table = open(os.path.join(out, "judge_accuracy.md")).read()
-    assert f"| refine | detail_fidelity | 48 | {after['eval_accuracy']:.3f} |" in table
+    assert f"| refine | detail_fidelity | 64 | {after['eval_accuracy']:.3f} |" in table
+    held_out = [json.loads(line) for line in open(os.path.join(out, "synthetic-eval", "pairs.jsonl"))]
+    assert sum(r["preferred"] == "a" for r in held_out) == len(held_out) // 2
     saved = json.load(open(os.path.join(out, "onereward.json")))
-    assert saved["tasks"]["refine"]["context"] == ["reference"] and saved["yes_words"] == ["Yes", " Yes"]
+    assert saved["tasks"]["refine"]["context"] == [] and saved["yes_words"] == ["Yes", " Yes"]
 
 
 def _columns(n, seed=5):
@@ -61,9 +74,9 @@ def test_trained_judge_is_a_grpo_reward_and_differentiable(trained_judge):
 
     out = trained_judge[0]
     (judge,) = build_reward_funcs([{"name": "vlm_judge", "model_name_or_path": out, "both_orders": True}])
-    # The saved templates are what it asks: the tiny recipe's dimension, with the reference shown.
-    assert judge.dimensions == ["detail_fidelity"] and judge.context == ["reference"]
-    assert judge.required_fields == ("draft", "reference") and judge.differentiable
+    # The saved templates are what it asks: the tiny recipe's dimension, on images A and B alone.
+    assert judge.dimensions == ["detail_fidelity"] and judge.context == []
+    assert judge.required_fields == ("draft",) and judge.differentiable
     cols = _columns(4)
     batch = score_batch([judge], cols["prompt"], cols["target"], cols)
     assert not batch.errors and torch.isfinite(batch.scores).all()

@@ -241,7 +241,7 @@ def test_full_state_resume_matches_the_uninterrupted_run(tmp_path):
     full.train()
     ck = tmp_path / "full" / "checkpoint-2"
     assert (tmp_path / "full" / "samples" / "step-000002.png").is_file()  # draft | reference | x_theta | target | x_ref
-    assert (ck / "ema_state.pt").is_file() and (ck / "optimizer.pt").is_file()
+    assert (ck / "ema_state.safetensors").is_file() and (ck / "optimizer.pt").is_file()
     resumed = _trainer(tmp_path / "resumed", **kw)
     resumed.train(resume_from_checkpoint=str(ck))
     for a, b in ((full, resumed),):

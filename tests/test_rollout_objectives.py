@@ -27,6 +27,21 @@ def test_nft_by_hand():
         nft_loss(**args, advantages=torch.tensor([1.0]), adv_clip_max=0.0)
 
 
+def test_nft_adaptive_weight_by_hand():
+    # x0 = 0, x_t = (3, 1), t = 0.5, beta = 1. A = A_max (r = 1), v_theta = 0: d = x_t - t v_theta - x0 = (3, 1),
+    # mean d^2 = 5 over sg(mean |d|) = 2 -> 2.5 (5 without the weight); the gradient is 2 d (-t) / 2 / 2 per dim.
+    # A = -A_max (r = 0), v_old = (1, 1): v- = 2 v_old - v_theta = (2, 2), d = (2, 0): 2 / 1 = 2.
+    x0, x_t, t, v_old = _t(0.0, 0.0), _t(3.0, 1.0), torch.tensor([0.5]), _t(1.0, 1.0)
+    v = _t(0.0, 0.0).requires_grad_()
+    loss = nft_loss(v, v_old, x_t, x0, t, torch.tensor([2.0]), 1.0, 2.0, adaptive=True)
+    torch.testing.assert_close(loss, torch.tensor([2.5]))
+    (grad,) = torch.autograd.grad(loss.sum(), v)
+    torch.testing.assert_close(grad, _t(-0.75, -0.25))
+    torch.testing.assert_close(nft_loss(v, v_old, x_t, x0, t, torch.tensor([2.0]), 1.0, 2.0), torch.tensor([5.0]))
+    neg = nft_loss(v, v_old, x_t, x0, t, torch.tensor([-2.0]), 1.0, 2.0, adaptive=True)
+    torch.testing.assert_close(neg, torch.tensor([2.0]))
+
+
 def test_nft_with_beta_one_and_full_weight_is_flow_matching_weighted_by_t_squared():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, 2, generator=g)
@@ -234,3 +249,53 @@ def test_the_objective_is_a_command_line_flag():
         ["--objective", "nft", "--output_dir", "unused", "--report_to", "none", "--use_cpu", "true"],
     )
     assert cfg.objective == "nft" and cfg.shared_initial_noise is False  # ODE rollouts: each sample its own noise
+
+
+def test_nft_resume_continues_exactly(tmp_path):
+    """An NFT run (EMA old policy, each rollout reused for two updates) stopped at a checkpoint and resumed logs
+    the same metrics and ends with the same weights as the uninterrupted run: the keyed re-noising draws the same
+    times and noises, and the old velocities come from the restored EMA."""
+    from refiner_rl.trainers.grpo_config import FlowGRPOConfig
+    from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
+    from tests.helpers import small_policy, synthetic_dataset
+
+    def trainer(out):
+        args = FlowGRPOConfig(
+            output_dir=str(out),
+            objective="nft",
+            old_policy="ema",
+            ema_decay=0.5,
+            num_iterations=2,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            logging_steps=1,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            num_inference_steps=3,
+            start_sigma=0.6,
+            paste_back=True,
+            learning_rate=3e-3,
+            beta=0.0,
+            seed=0,
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            rewards=[{"name": "masked_pixel"}],
+        )
+        return FlowGRPOTrainer(small_policy(lora=True), args=args, train_dataset=synthetic_dataset(4, size=16))
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    a, b = ([h for h in t.state.log_history if "loss" in h][2:] for t in (full, resumed))
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [3, 4]
+    for ha, hb in zip(a, b):
+        for k in ("loss", "reward", "grad_norm"):
+            if k in ha:
+                assert hb[k] == pytest.approx(ha[k], rel=1e-4, abs=1e-7), (ha["step"], k)
+    w_full, w_res = full.policy.lora_state_dict(), resumed.policy.lora_state_dict()
+    assert all(torch.allclose(w_full[k], w_res[k], atol=1e-6) for k in w_full)
+    e_full, e_res = full.ema.state_dict(), resumed.ema.state_dict()
+    assert all(torch.allclose(e_full[k], e_res[k], atol=1e-6) for k in e_full)

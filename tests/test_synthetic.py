@@ -168,3 +168,27 @@ def test_shift_step_pans_by_whole_steps():
         )
     with pytest.raises(ConfigError, match="shift_step must be a whole number of pixels >= 1, got 0"):
         synthetic_records(1, geometry="shifted", shift_step=0)
+
+
+def test_curriculum_splits_the_records_and_the_sampler_runs_the_phases_in_order():
+    from refiner_rl.configs import DataArguments
+    from refiner_rl.trainers.sft_trainer import CurriculumSampler
+
+    args = DataArguments(synthetic_records=16, synthetic_curriculum={"aligned": 1, "shifted=1,zoomed=1": 3})
+    assert args.synthetic_curriculum == {"aligned": 0.25, "shifted=1,zoomed=1": 0.75}
+    ds = args.build(multiple=4)
+    # 16 x 0.25 = 4 aligned records first, then 12 shifted or zoomed ones (phase 1 drawn with seed + 1000)
+    assert ds.curriculum == [(0, 4, 0.25), (4, 16, 0.75)]
+    kinds = [ds.record(i)["ref_geometry"] for i in range(16)]
+    assert kinds[:4] == ["aligned"] * 4 and set(kinds[4:]) == {"shifted", "zoomed"}
+    assert ds.record(4)["id"] == "syn-2234-0"
+    # 10 steps of 3 samples: phase 0 fills steps 0-1 (round(0.25 * 10) = 2; 6 samples from 4 records: a second
+    # pass), phase 1 steps 2-9 (24 samples from 12 records: two passes)
+    order = list(CurriculumSampler(ds.curriculum, steps=10, per_step=3, seed=0))
+    assert len(order) == 30 and all(i < 4 for i in order[:6]) and all(4 <= i < 16 for i in order[6:])
+    assert sorted(order[:4]) == [0, 1, 2, 3] and sorted(order[6:18]) == list(range(4, 16))
+    assert DataArguments(synthetic_records=4).build(multiple=4).__dict__.get("curriculum") is None
+    with pytest.raises(ConfigError, match="fraction of phase 'aligned' must be a number > 0, got 0"):
+        DataArguments(synthetic_curriculum={"aligned": 0})
+    with pytest.raises(ConfigError, match="synthetic geometry 'tilted'"):
+        DataArguments(synthetic_curriculum='{"tilted": 1}')

@@ -122,3 +122,20 @@ def test_grpo_in_focus_rolls_out_on_the_crop_and_scores_either_form(tmp_path, sc
     side = 16 if score_on == "full" else 8
     assert seen == [{((side, side),) * 3}]
     assert counts and set(counts) == {4 + 4 + 16}  # rollout and training forwards all run on the crop
+
+
+def test_reference_positions_set_the_reference_rope_ids():
+    from refiner_rl.configs import ModelArguments
+    from refiner_rl.policies.kontext import reference_ids
+
+    # a 2x3 reference grid beside a draft 3 tokens wide: channel 0 = reference_id, then row, col
+    assert reference_ids(2, 3, 2, "grid").tolist() == [[2, r, c] for r in range(2) for c in range(3)]
+    assert reference_ids(2, 3, 2, "none").tolist() == [[2, 0, 0]] * 6
+    assert reference_ids(2, 3, 2, "beside", draft_w=3).tolist() == [[2, r, 3 + c] for r in range(2) for c in range(3)]
+    policy = small_policy()
+    policy.reference_positions = "none"
+    batch = collate_triplets([_shifted(1, seed=0)[0]])
+    cond = policy.encode_conditions(batch["draft"], batch["reference"], prompts=batch["prompt"])
+    assert cond.ids[16:].tolist() == [[2, 0, 0]] * 16 and cond.ids[:16].tolist() == reference_ids(4, 4, 1).tolist()
+    with pytest.raises(ValueError, match="`reference_positions` must be one of grid, none, beside, got 'random'"):
+        ModelArguments(reference_positions="random")

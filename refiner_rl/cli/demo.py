@@ -1,7 +1,7 @@
 """``refiner-rl demo``: the embedded default, end to end on a CPU.
 
-1. make synthetic triplets with fine detail: training triplets whose reference is shifted or zoomed (the recipe's
-   ``synthetic_geometry``) and one held-out set per reference geometry (aligned, shifted, zoomed);
+1. make synthetic triplets with fine detail: training triplets whose reference lines up with the target (the
+   recipes' ``synthetic_geometry``) and one held-out set per reference geometry (aligned, shifted, zoomed);
 2. check the codec reconstructs them (PSNR);
 3. SFT the tiny editor (``recipes/tiny/sft.yaml``), write its checkpoint, log to W&B (offline without an
    API key);
@@ -123,6 +123,7 @@ def main(argv: list[str]) -> int:
         g_model, g_data, g_cfg = parse_recipe((ModelArguments, DataArguments, FlowGRPOConfig), grpo_argv)
         g_policy = build_policy(g_model, "cpu")
         g_train = g_data.build(multiple=multiple)
+        print(f"\n[demo] GRPO on {len(g_train)} training triplets ({g_data.synthetic_geometry} references)\n")
         g_trainer = FlowGRPOTrainer(g_policy, args=g_cfg, train_dataset=g_train, eval_dataset=held_out["shifted"])
         # GRPO's sampler (start sigma, paste-back, CFG) and rewards: one evaluation gives the MSE row and the reward
         sampler = {**g_trainer.evaluation_settings(), "num_steps": args.eval_steps}

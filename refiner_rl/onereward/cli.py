@@ -29,7 +29,13 @@ def load_pair_sets(args, templates, output_dir: str):
             folder = os.path.join(output_dir, "synthetic-eval" if eval_ else "synthetic")
             dims = [d for d in templates.task_dimensions("refine") if d in SYNTHETIC_DIMENSIONS]
             source = write_synthetic_pairs(
-                folder, n, seed=args.synthetic_seed + int(eval_), size=args.synthetic_size, dimensions=dims
+                folder,
+                n,
+                seed=args.synthetic_seed + int(eval_),
+                size=args.synthetic_size,
+                dimensions=dims,
+                kind=args.synthetic_kind,
+                region=args.synthetic_region,
             )
         return load_pairs(source, templates, skip_invalid=args.skip_invalid_records)
 
@@ -98,7 +104,10 @@ def main(argv: list[str]) -> int:
     train, held_out = load_pair_sets(args, templates, config.output_dir)  # bad records stop us before the model
     model_path = model_args.model_name_or_path
     if model_path == "tiny":
-        model_path = build_tiny_judge(os.path.join(config.output_dir, "tiny-init"), seed=config.seed)
+        tiny = {"patch_size": config.tiny_patch_size, "vision_init_std": config.tiny_vision_init_std}
+        if config.max_pixels:
+            tiny["pixels"] = config.max_pixels
+        model_path = build_tiny_judge(os.path.join(config.output_dir, "tiny-init"), seed=config.seed, **tiny)
     model, processor = load_model(model_path, model_args, config)
     peft_config = get_peft_config(model_args)
     if peft_config is not None:

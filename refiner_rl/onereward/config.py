@@ -36,6 +36,14 @@ class JudgeDataArguments:
     synthetic_eval_pairs: int = field(default=48, metadata={"help": "Held-out pairs of the synthetic set."})
     synthetic_size: int = field(default=32, metadata={"help": "Image side of the synthetic set (pixels)."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set (held-out: seed + 1)."})
+    synthetic_kind: str = field(
+        default="detail",
+        metadata={
+            "help": "How the worse detail-fidelity candidate differs inside the mask: `detail` (less of the true "
+            "detail), `noise`, `shift` (a colour offset) or `swap` (inverted colours), more of it than the better one."
+        },
+    )
+    synthetic_region: float = field(default=0.5, metadata={"help": "Side of the masked region / image side."})
 
 
 @dataclass
@@ -57,6 +65,13 @@ class JudgeConfig(TrainingArguments):
     max_pixels: int | None = field(default=None, metadata={"help": "Largest image size (pixels) after resizing."})
     system_prompt: str | None = field(default=None, metadata={"help": "System prompt of every chat."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own code (hub models)."})
+    tiny_patch_size: int = field(
+        default=14,
+        metadata={"help": "model_name_or_path: tiny: the vision patch (the image side is a multiple of 2x)."},
+    )
+    tiny_vision_init_std: float | None = field(
+        default=None, metadata={"help": "model_name_or_path: tiny: std of the vision weights (default: 0.15)."}
+    )
     accuracy_table: str = field(
         default="judge_accuracy.md", metadata={"help": "Held-out accuracy table, written in output_dir."}
     )

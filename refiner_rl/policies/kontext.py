@@ -1,8 +1,9 @@
 """FLUX.1-Kontext policy adapter: loading, condition encoding, the one velocity forward, decoding, LoRA.
 
 Token layout (OmniRefiner §3): the image stream is ``[noisy target | draft | reference]`` on the sequence
-axis. Each block keeps its own row/col grid; the first RoPE id channel tells them apart: target 0,
-draft 1, reference ``reference_id`` (default 2). The velocity is read from the target tokens only.
+axis. Each block keeps its own row/col grid (the reference's can be all zero or moved beside the draft's:
+:func:`reference_ids`); the first RoPE id channel tells them apart: target 0, draft 1, reference ``reference_id``
+(default 2). The velocity is read from the target tokens only.
 
 :meth:`KontextPolicy.velocity` is the single forward used by SFT, GRPO rollout and GRPO training, so the
 log-prob recomputed in training equals the one stored at rollout by construction.
@@ -70,6 +71,23 @@ def image_ids(grid_h: int, grid_w: int, index: int, device=None, dtype=torch.flo
     return ids.reshape(grid_h * grid_w, 3)
 
 
+REFERENCE_POSITIONS = ("grid", "none", "beside")
+
+
+def reference_ids(grid_h: int, grid_w: int, index: int, positions: str = "grid", draft_w: int = 0, device=None):
+    """RoPE ids of the reference tokens: ``grid`` their own row/col grid (over the draft's when the sizes match),
+    ``none`` row = col = 0 (attention to the reference depends on content only, not on where a token sits), or
+    ``beside`` the grid moved right by the draft's width ``draft_w`` (no reference token shares a draft position)."""
+    ids = image_ids(grid_h, grid_w, index, device)
+    if positions == "none":
+        ids[:, 1:] = 0
+    elif positions == "beside":
+        ids[:, 2] += draft_w
+    elif positions != "grid":
+        raise ValueError(f"reference_positions must be one of {', '.join(REFERENCE_POSITIONS)}, got {positions!r}")
+    return ids
+
+
 @dataclass
 class TextEmbeds:
     prompt_embeds: torch.Tensor  # [B, T, D] (T5)
@@ -133,6 +151,7 @@ class KontextPolicy:
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.max_sequence_length = max_sequence_length
         self.reference_id = int(reference_id)
+        self.reference_positions = "grid"  # see reference_ids
         if self.reference_id in (0, 1):
             raise ValueError("reference_id must differ from the target's id (0) and the draft's id (1)")
         self.guidance_scale = guidance_scale
@@ -347,7 +366,8 @@ class KontextPolicy:
         dh, dw = self.latent_grid(*draft.shape[-2:])
         rh, rw = self.latent_grid(*reference.shape[-2:])
         dev = self.device
-        ids = torch.cat([image_ids(dh // 2, dw // 2, 1, dev), image_ids(rh // 2, rw // 2, self.reference_id, dev)])
+        ref = reference_ids(rh // 2, rw // 2, self.reference_id, self.reference_positions, dw // 2, dev)
+        ids = torch.cat([image_ids(dh // 2, dw // 2, 1, dev), ref])
         neg = self.encode_prompts(negative_prompts) if negative_prompts is not None else None
         return Conditions(
             tokens=torch.cat([d, r], dim=1),

@@ -65,7 +65,7 @@ def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 def group_nanmean(x: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Per-group mean over dim 0 ignoring NaN: ``[G, ...]`` (NaN for a group with no value)."""
     ok = ~torch.isnan(x)
-    count = torch.zeros((n_groups, *x.shape[1:]), dtype=x.dtype).index_add_(0, inverse, ok.to(x.dtype))
+    count = torch.zeros((n_groups, *x.shape[1:]), dtype=x.dtype, device=x.device).index_add_(0, inverse, ok.to(x.dtype))
     total = torch.zeros_like(count).index_add_(0, inverse, torch.where(ok, x, torch.zeros_like(x)))
     return total / count  # 0/0 = NaN where the group has no value
 
@@ -83,13 +83,13 @@ def group_nanstd(x: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch
 def nanstd(x: torch.Tensor) -> torch.Tensor:
     """Bessel-corrected std of all non-NaN entries (NaN for fewer than 2)."""
     v = x[~torch.isnan(x)]
-    return v.std() if v.numel() > 1 else torch.tensor(float("nan"), dtype=x.dtype)
+    return v.std() if v.numel() > 1 else torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
 
 
 def weighted_total(rewards: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(total, valid)``: NaN-aware weighted sum over rewards ``[N, R]`` and whether any reward scored."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
-    weights = torch.as_tensor(weights, dtype=torch.float64).reshape(1, -1)
+    weights = torch.as_tensor(weights, dtype=torch.float64, device=rewards.device).reshape(1, -1)
     valid = ~torch.isnan(rewards).all(dim=1)
     total = (rewards * weights).nansum(dim=1)
     return torch.where(valid, total, torch.full_like(total, float("nan"))), valid
@@ -114,7 +114,7 @@ def compute_advantages(
     if r.ndim == 1:
         r = r[:, None]
     n, k = r.shape
-    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    w = torch.as_tensor(weights, dtype=torch.float64, device=r.device).reshape(-1)
     if w.numel() != k:
         raise ValueError(f"{k} reward columns but {w.numel()} weights")
     names = list(names) if names is not None else [f"reward_{j}" for j in range(k)]
@@ -124,7 +124,7 @@ def compute_advantages(
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     if aggregation not in ("sum_then_normalize", "normalize_then_sum"):
         raise ValueError(f"aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {aggregation!r}")
-    inverse, n_groups = _group_index(torch.as_tensor(group_ids))
+    inverse, n_groups = _group_index(torch.as_tensor(group_ids, device=r.device))
     if inverse.numel() != n:
         raise ValueError(f"{n} samples but {inverse.numel()} group ids")
 
@@ -184,7 +184,7 @@ def spatial_advantages(
     m = torch.as_tensor(maps)
     dtype = m.dtype if m.is_floating_point() else torch.float32
     m = m.to(torch.float64)
-    inverse, n_groups = _group_index(torch.as_tensor(group_ids))
+    inverse, n_groups = _group_index(torch.as_tensor(group_ids, device=m.device))
     if inverse.numel() != m.shape[0]:
         raise ValueError(f"{m.shape[0]} maps but {inverse.numel()} group ids")
     mean = group_nanmean(m, inverse, n_groups)[inverse]

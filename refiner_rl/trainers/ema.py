@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -48,6 +49,40 @@ class EMA:
         if missing:
             raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
         self.shadow = {n: state[n].float().clone() for n in self.names}
+
+
+EMA_FILE = "ema_state.safetensors"  # the shadow weights in a checkpoint, for resume
+LEGACY_EMA_FILE = "ema_state.pt"  # what checkpoints written before safetensors hold
+
+
+def save_ema_state(ema: EMA, folder: str) -> None:
+    """Write the shadow weights to ``folder/ema_state.safetensors`` (through a temporary file and a rename, so a
+    checkpoint never holds half of it)."""
+    from safetensors.torch import save_file
+
+    tmp = os.path.join(folder, EMA_FILE + ".tmp")
+    save_file({n: t.contiguous() for n, t in ema.state_dict().items()}, tmp)
+    os.replace(tmp, os.path.join(folder, EMA_FILE))
+
+
+def ema_state_path(folder: str) -> str | None:
+    """The shadow-weights file of a checkpoint folder (safetensors, or the older ``ema_state.pt``), ``None`` if
+    neither is there."""
+    for name in (EMA_FILE, LEGACY_EMA_FILE):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_ema_state(ema: EMA, path: str) -> None:
+    """Load shadow weights written by :func:`save_ema_state` (or an older ``ema_state.pt``, tensors only)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        ema.load_state_dict(load_file(path, device="cpu"))
+    else:
+        ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _gathered(params: list[nn.Parameter], modify: bool = False):

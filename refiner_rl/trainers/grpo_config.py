@@ -117,8 +117,10 @@ class FlowGRPOConfig(FocusArguments, GRPOConfig):
         ratio_normalization: GRPO-Guard's per-timestep normalised log-ratio (``objective: grpo`` only).
         train_timesteps, train_timestep_sampling (uniform | logit_normal on [0, start_sigma], or ``schedule``:
             distinct sigmas of the rollout's schedule), nft_beta (the mix of v+-; 1 = v+ is the policy itself),
-            awm_scale (inverse temperature of AWM's likelihood ratio ``exp(-scale (e_theta - e_old))``). NFT's
-            ``A_max`` is ``adv_clip_max``; AWM clips its ratio with ``epsilon``/``epsilon_high``.
+            nft_adaptive_weight (each sample's squared x0 error over its no-grad mean absolute error, as
+            DiffusionNFT's code does), awm_scale (inverse temperature of AWM's likelihood ratio
+            ``exp(-scale (e_theta - e_old))``). NFT's ``A_max`` is ``adv_clip_max``; AWM clips its ratio with
+            ``epsilon``/``epsilon_high``.
     Not for images: TRL's text-generation, vLLM, padding, LM-only loss and completion-logging fields (listed in
         ``LM_ONLY_FIELDS``, plus every ``vllm_*``) must keep their defaults; any other value is a ConfigError
         naming the field.
@@ -225,6 +227,10 @@ class FlowGRPOConfig(FocusArguments, GRPOConfig):
         default="rollout", metadata={"help": f"nft/awm: the old policy: {', '.join(OLD_POLICIES)} (ema: of ema_decay)."}
     )
     nft_beta: float = field(default=1.0, metadata={"help": "nft: beta of the implicit policies v+- (> 0)."})
+    nft_adaptive_weight: bool = field(
+        default=True,
+        metadata={"help": "nft: divide each sample's x0 error by its no-grad mean |x0 error| (DiffusionNFT's code)."},
+    )
     awm_scale: float = field(default=1.0, metadata={"help": "awm: inverse temperature of the likelihood ratio."})
     rollout_batch_size: int | None = field(
         default=None, metadata={"help": "Samples per rollout forward (default: per_device_train_batch_size)."}

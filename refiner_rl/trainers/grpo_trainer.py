@@ -57,12 +57,11 @@ from refiner_rl.trainers.base import (
     PolicyTrainerMixin,
     save_transformer_state_dict,
 )
-from refiner_rl.trainers.ema import EMA, EMACallback
+from refiner_rl.trainers.ema import EMA, EMA_FILE, EMACallback, ema_state_path, load_ema_state, save_ema_state
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.losses import clipped_surrogate, guard_log_ratio
 
 logger = logging.getLogger(__name__)
-EMA_FILE = "ema_state.pt"  # EMA shadow weights, for resume
 EMA_DIR = "ema"  # the EMA weights in the same format as the live ones (LoRA or transformer/)
 EVAL_SEED = 1234  # held-out noise: the same draws at every evaluation, so checkpoints compare like with like
 
@@ -282,7 +281,8 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         if not dead or self._failed_rollouts < self.args.max_failed_reward_steps:
             return
         self._save_checkpoint(self.model, trial=None)
-        why = "; ".join(f"{n}: {errors.get(n, 'failed on the other processes')}" for n in dead)
+        unknown = "no error here: NaN scores (non-finite samples from a diverged policy?) or another process's"
+        why = "; ".join(f"{n}: {errors.get(n, unknown)}" for n in dead)
         ckpt = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         raise RewardError(
             f"reward {', '.join(dead)} scored no sample in {self._failed_rollouts} consecutive rollouts "
@@ -544,16 +544,14 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------------------------- checkpointing
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The live weights (base class), plus with EMA: its shadow (``ema_state.pt``, for resume) and the EMA
+        """The live weights (base class), plus with EMA: its shadow (``ema_state.safetensors``, for resume) and the EMA
         weights in the same format under ``ema/``. Checkpoints call this inside their temporary folder, so the
         EMA is part of the atomic rename."""
         super()._save(output_dir, state_dict)
         if self.ema is None or not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
-        tmp = os.path.join(output_dir, EMA_FILE + ".tmp")
-        torch.save(self.ema.state_dict(), tmp)
-        os.replace(tmp, os.path.join(output_dir, EMA_FILE))
+        save_ema_state(self.ema, output_dir)
         # Written from the shadow, not by swapping it into the module: only this rank saves, and under ZeRO-3 the
         # module's weights are partitioned (swapping would need every rank).
         model = self.accelerator.unwrap_model(self.model)
@@ -567,13 +565,14 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     def _load_extra_state(self, resume_from_checkpoint: str) -> None:
         # Called on resume by the base class with every launcher (DeepSpeed never calls _load_from_checkpoint).
-        path = os.path.join(resume_from_checkpoint, EMA_FILE)
         if self.ema is not None:
-            if not os.path.isfile(path):
+            path = ema_state_path(resume_from_checkpoint)
+            if path is None:
                 raise CheckpointError(
-                    f"EMA is on but {path} is missing: resume with the same ema_decay the checkpoint was written with"
+                    f"EMA is on but {os.path.join(resume_from_checkpoint, EMA_FILE)} is missing: resume with the same "
+                    "ema_decay the checkpoint was written with"
                 )
-            self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            load_ema_state(self.ema, path)
 
     def _on_resume(self, checkpoint: str) -> None:
         """The rollout counter follows the optimizer step, so window and noise continue where they stopped."""

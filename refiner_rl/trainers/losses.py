@@ -72,6 +72,7 @@ def nft_loss(
     advantages: torch.Tensor,
     beta: float,
     adv_clip_max: float,
+    adaptive: bool = False,
 ) -> torch.Tensor:
     """DiffusionNFT's negative-aware fine-tuning loss per sample ``[B]`` (arXiv 2509.16117).
 
@@ -83,7 +84,10 @@ def nft_loss(
     With ``beta = 1`` and ``r = 1`` it is ``t^2 ||v_theta - (eps - x0)||^2``: plain flow matching weighted by t^2.
     At ``v_theta = v_old`` the gradient is ``-2 beta t^2 (2 r - 1) (eps - x0 - v_old)`` per dim (over its count): flow
     matching towards the sample, weighted by ``A / A_max``. ``t`` is ``[B]`` (broadcast over the latent dims).
-    Per-token advantages ``[B, N]`` (latents ``[B, N, C]``) give a per-token ``r`` and a loss ``[B, N]``."""
+    Per-token advantages ``[B, N]`` (latents ``[B, N, C]``) give a per-token ``r`` and a loss ``[B, N]``.
+    ``adaptive``: each squared error is divided by its sample's ``sg(mean |x0_hat(v) - x0|)`` (no gradient, at least
+    1e-5), as DiffusionNFT's code does: every sample's loss then has the scale of its error, and the ``t^2`` weight of
+    the x0 error becomes ``t`` over the sample's velocity error."""
     if adv_clip_max <= 0:
         raise ValueError(f"nft_loss: adv_clip_max must be > 0, got {adv_clip_max}")
     v_old = v_old.detach().float()
@@ -92,9 +96,18 @@ def nft_loss(
     r = torch.clamp(advantages.float() / (2 * adv_clip_max) + 0.5, 0.0, 1.0)
     v_pos = (1 - beta) * v_old + beta * v_theta
     v_neg = (1 + beta) * v_old - beta * v_theta
-    err_pos = _errors((x_t - t * v_pos - x0) ** 2, r)
-    err_neg = _errors((x_t - t * v_neg - x0) ** 2, r)
+    d_pos, d_neg = x_t - t * v_pos - x0, x_t - t * v_neg - x0
+    err_pos, err_neg = _errors(d_pos**2, r), _errors(d_neg**2, r)
+    if adaptive:
+        err_pos = err_pos / _scale(d_pos, r)
+        err_neg = err_neg / _scale(d_neg, r)
     return r * err_pos + (1 - r) * err_neg
+
+
+def _scale(d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``sg(mean |d|)`` per sample (over every latent dim), at least 1e-5, shaped to divide a loss like ``like``."""
+    m = d.detach().abs().flatten(1).mean(dim=1).clamp(min=1e-5)
+    return m[:, None] if like.ndim == 2 else m
 
 
 def awm_loss(

@@ -91,7 +91,7 @@ def term_loss(trainer, model, inputs: dict, j: int, stats: dict[str, list[float]
     adv = inputs["token_advantages"] if inputs["token_advantages"] is not None else inputs["advantages"]
     v_old = inputs["v_old"][:, j]
     if args.objective == "nft":
-        per = nft_loss(v, v_old, x_t, x0, t, adv, args.nft_beta, args.adv_clip_max)
+        per = nft_loss(v, v_old, x_t, x0, t, adv, args.nft_beta, args.adv_clip_max, args.nft_adaptive_weight)
     else:
         eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         per, clip = awm_loss(v, v_old, noise - x0, adv, args.epsilon, eps_high, args.awm_scale)

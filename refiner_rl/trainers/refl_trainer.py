@@ -36,8 +36,8 @@ from refiner_rl.sampling import batch_conditions, sample_images, sample_trajecto
 from refiner_rl.scoring.base import BASELINE_FIELD, Reward
 from refiner_rl.scoring.registry import check_required_fields
 from refiner_rl.trainers.base import PolicyTrainerMixin
-from refiner_rl.trainers.ema import EMA, EMACallback
-from refiner_rl.trainers.grpo_trainer import EMA_FILE, EVAL_SEED, FlowGRPOTrainer
+from refiner_rl.trainers.ema import EMA, EMA_FILE, EMACallback, ema_state_path, load_ema_state, save_ema_state
+from refiner_rl.trainers.grpo_trainer import EVAL_SEED, FlowGRPOTrainer
 from refiner_rl.trainers.refl_config import FlowReFLConfig
 
 logger = logging.getLogger(__name__)
@@ -289,23 +289,21 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------------------------- checkpointing
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The live weights (base class) plus, with the EMA reference, its shadow ``ema_state.pt`` (for resume)."""
+        """The live weights (base class) plus, with the EMA reference, its shadow ``ema_state.safetensors`` (for resume)."""
         super()._save(output_dir, state_dict)
         if self.ema is None or not self.args.should_save:
             return
-        output_dir = output_dir or self.args.output_dir
-        tmp = os.path.join(output_dir, EMA_FILE + ".tmp")
-        torch.save(self.ema.state_dict(), tmp)
-        os.replace(tmp, os.path.join(output_dir, EMA_FILE))
+        save_ema_state(self.ema, output_dir or self.args.output_dir)
 
     def _load_extra_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, EMA_FILE)
         if self.ema is not None:
-            if not os.path.isfile(path):
+            path = ema_state_path(checkpoint)
+            if path is None:
                 raise CheckpointError(
-                    f"reference: ema but {path} is missing: resume with the reference it was written with"
+                    f"reference: ema but {os.path.join(checkpoint, EMA_FILE)} is missing: resume with the reference "
+                    "it was written with"
                 )
-            self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            load_ema_state(self.ema, path)
 
 
 def _task_rewards(task_mix: dict[str, float], rewards, names: list[str]) -> dict[str, list[int]]:

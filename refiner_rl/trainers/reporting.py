@@ -99,6 +99,7 @@ def save_grid(path: str, rows: list[list[torch.Tensor]], scale: int = 4) -> None
 
     lines = []
     for row in rows:
+        row = [im.detach().cpu() for im in row]  # a trainer's rows may mix CPU copies and device tensors
         h = max(im.shape[1] for im in row)
         lines.append(
             torch.cat([torch.nn.functional.pad(im.float().clamp(0, 1), (0, 0, 0, h - im.shape[1])) for im in row], 2)

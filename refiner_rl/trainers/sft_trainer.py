@@ -7,6 +7,8 @@ and minimise the mask-weighted rectified-flow loss against ``eps - x0``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import Trainer
 
@@ -18,6 +20,30 @@ from refiner_rl.sampling import batch_text
 from refiner_rl.trainers.base import PolicyTrainerMixin
 from refiner_rl.trainers.losses import mask_weighted_flow_loss
 from refiner_rl.trainers.sft_config import FlowSFTConfig
+
+
+class CurriculumSampler(torch.utils.data.Sampler):
+    """A curriculum's phases one after another: phase ``k`` (records ``[start_k, end_k)``, fraction ``f_k``) fills
+    optimizer steps ``round(F_{k-1} S) .. round(F_k S)`` (``F_k`` = f_1 + ... + f_k, ``S`` steps of ``per_step``
+    samples), drawing its records in seeded permutations, a fresh one per pass."""
+
+    def __init__(self, phases, steps: int, per_step: int, seed: int = 0):
+        self.phases, self.steps, self.per_step, self.seed = list(phases), int(steps), int(per_step), seed
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        done, cum = 0, 0.0
+        for k, (start, end, fraction) in enumerate(self.phases):
+            cum += fraction
+            stop = self.steps if k == len(self.phases) - 1 else round(cum * self.steps)
+            count, done = (stop - done) * self.per_step, stop
+            out: list[int] = []
+            while len(out) < count:
+                out += (start + torch.randperm(end - start, generator=g)).tolist()
+            yield from out[:count]
+
+    def __len__(self) -> int:
+        return self.steps * self.per_step
 
 
 class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
@@ -43,6 +69,11 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
     # ------------------------------------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(ds, "curriculum", None):
+            a = self.args
+            per_step = self._train_batch_size * a.gradient_accumulation_steps * a.world_size
+            steps = a.max_steps if a.max_steps > 0 else math.ceil(len(ds) * a.num_train_epochs / per_step)
+            return CurriculumSampler(ds.curriculum, steps, per_step, seed=a.seed)
         if isinstance(ds, TripletDataset) and ds.buckets:
             return BucketBatchOrderSampler(ds, self._train_batch_size, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset) if train_dataset is not None else super()._get_train_sampler()

@@ -40,12 +40,18 @@ def build_tiny_vlm(
     max_positions: int = 1024,
     seed: int = 0,
     prepare: Callable | None = None,
+    patch_size: int = 14,
+    pixels: int = PIXELS,
+    hidden_size: int = 32,
+    vision_depth: int = 2,
 ) -> str:
     """Write a tiny random Qwen2.5-VL (model, processor, chat template) to ``folder``; returns ``folder``.
 
     ``corpus`` trains the BPE (``vocab_size`` tokens); ``added_tokens`` are added as ordinary (not special) single
     tokens. The model's weights are drawn after ``torch.manual_seed(seed)``; ``prepare(model, tokenizer)``, if
-    given, may change them before saving (e.g. to give chosen answer tokens most of the mass).
+    given, may change them before saving (e.g. to give chosen answer tokens most of the mass). ``patch_size`` is the
+    vision tower's (the image processor's factor is ``2 * patch_size``), ``pixels`` the image budget (min = max),
+    ``hidden_size`` the width of both towers, ``vision_depth`` the vision tower's blocks.
     """
     import torch
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -74,7 +80,9 @@ def build_tiny_vlm(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL[1:]
     )
     processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=PIXELS, max_pixels=PIXELS),
+        image_processor=Qwen2VLImageProcessor(
+            min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=2
+        ),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
@@ -83,11 +91,11 @@ def build_tiny_vlm(
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "num_attention_heads": hidden_size // 8,  # head_dim 8, as the mrope sections below split it
+            "num_key_value_heads": hidden_size // 16,
             "max_position_embeddings": max_positions,
             # mrope splits head_dim / 2 = 4 rotary frequencies over (time, height, width)
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
@@ -96,16 +104,16 @@ def build_tiny_vlm(
             "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "depth": vision_depth,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
             "num_heads": 2,
-            "patch_size": 14,
+            "patch_size": patch_size,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "out_hidden_size": 32,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
+            "out_hidden_size": hidden_size,
+            "window_size": 4 * patch_size,  # 2 x 2 merged tokens per attention window
+            "fullatt_block_indexes": list(range(1, vision_depth, 2)),
         },
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
@@ -124,25 +132,37 @@ def build_tiny_vlm(
     return os.fspath(folder)
 
 
-def build_tiny_judge(folder: str | os.PathLike, *, seed: int = 0, vocab_size: int = 300, init_std: float = 0.3) -> str:
+def build_tiny_judge(
+    folder: str | os.PathLike,
+    *,
+    seed: int = 0,
+    vocab_size: int = 300,
+    init_std: float = 0.3,
+    vision_init_std: float | None = None,
+    **vision,
+) -> str:
     """A tiny random judge: :func:`build_tiny_vlm` on a corpus of the judge's questions, so "Yes", " Yes", "No"
     and " No" are single tokens and the task and dimension words are few tokens each.
 
     Its weight matrices (all but the embeddings) are drawn with std ``init_std`` in the text model and half of it
-    in the vision tower, not the usual 0.02: at 0.02 attention is uniform, so P(Yes | A, B) barely depends on
+    in the vision tower (or ``vision_init_std``), not the usual 0.02: at 0.02 attention is uniform, so P(Yes | A, B) barely depends on
     which image comes first and pairwise training sits at its saddle (loss ln 2) for hundreds of steps.
     """
     import torch
 
     from refiner_rl.vlm.questions import DEFAULT_TEMPLATES, DIMENSIONS, TASKS
 
+    vision_std = init_std / 2 if vision_init_std is None else vision_init_std
+
     def spread(model, tokenizer) -> None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.ndim == 2 and "embed" not in name:
-                    p.normal_(0.0, init_std if "language_model" in name else init_std / 2)
+                    p.normal_(0.0, init_std if "language_model" in name else vision_std)
 
     corpus = ["Yes No Yes. No."] * 200 + [
         " ".join(TASKS.values()) + " " + " ".join(DIMENSIONS.values()) + " " + DEFAULT_TEMPLATES["pairwise"]
     ] * 5
-    return build_tiny_vlm(folder, corpus, vocab_size=vocab_size, max_positions=1024, seed=seed, prepare=spread)
+    return build_tiny_vlm(
+        folder, corpus, vocab_size=vocab_size, max_positions=1024, seed=seed, prepare=spread, **vision
+    )
