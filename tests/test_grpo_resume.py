@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from refiner_rl.errors import CheckpointError
+from refiner_rl.trainers.ema import EMA_FILE
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
-from refiner_rl.trainers.grpo_trainer import EMA_DIR, EMA_FILE, FlowGRPOTrainer
+from refiner_rl.trainers.grpo_trainer import EMA_DIR, FlowGRPOTrainer
 from tests.helpers import small_policy, synthetic_dataset
 
 N = 4  # optimizer steps before the resume; with 4 records and 2 per rollout, one epoch = 4 steps

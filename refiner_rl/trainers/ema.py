@@ -75,6 +75,17 @@ def ema_state_path(folder: str) -> str | None:
     return None
 
 
+def load_ema_checkpoint(ema: EMA, folder: str, remedy: str) -> None:
+    """Restore ``ema`` from a checkpoint folder; a CheckpointError naming the missing file and ``remedy`` if the
+    folder holds no shadow weights."""
+    path = ema_state_path(folder)
+    if path is None:
+        from refiner_rl.errors import CheckpointError
+
+        raise CheckpointError(f"EMA is on but {os.path.join(folder, EMA_FILE)} is missing: {remedy}")
+    load_ema_state(ema, path)
+
+
 def load_ema_state(ema: EMA, path: str) -> None:
     """Load shadow weights written by :func:`save_ema_state` (or an older ``ema_state.pt``, tensors only)."""
     if path.endswith(".safetensors"):

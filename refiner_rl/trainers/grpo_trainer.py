@@ -42,7 +42,7 @@ from refiner_rl.configs import resolve_policy
 from refiner_rl.data import TripletDataset
 from refiner_rl.distributed import keyed_generator
 from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
-from refiner_rl.errors import CheckpointError, RewardError
+from refiner_rl.errors import RewardError
 from refiner_rl.evaluation import evaluate, reward_columns
 from refiner_rl.policies.kontext import Conditions, KontextPolicy
 from refiner_rl.rollout import Trajectory
@@ -57,7 +57,7 @@ from refiner_rl.trainers.base import (
     PolicyTrainerMixin,
     save_transformer_state_dict,
 )
-from refiner_rl.trainers.ema import EMA, EMA_FILE, EMACallback, ema_state_path, load_ema_state, save_ema_state
+from refiner_rl.trainers.ema import EMA, EMACallback, load_ema_checkpoint, save_ema_state
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.losses import clipped_surrogate, guard_log_ratio
 
@@ -544,8 +544,8 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------------------------- checkpointing
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The live weights (base class), plus with EMA: its shadow (``ema_state.safetensors``, for resume) and the EMA
-        weights in the same format under ``ema/``. Checkpoints call this inside their temporary folder, so the
+        """The live weights (base class), plus with EMA: its shadow (``ema_state.safetensors``, for resume) and
+        the EMA weights in the same format under ``ema/``. Checkpoints call this inside their temporary folder, so the
         EMA is part of the atomic rename."""
         super()._save(output_dir, state_dict)
         if self.ema is None or not self.args.should_save:
@@ -566,13 +566,9 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     def _load_extra_state(self, resume_from_checkpoint: str) -> None:
         # Called on resume by the base class with every launcher (DeepSpeed never calls _load_from_checkpoint).
         if self.ema is not None:
-            path = ema_state_path(resume_from_checkpoint)
-            if path is None:
-                raise CheckpointError(
-                    f"EMA is on but {os.path.join(resume_from_checkpoint, EMA_FILE)} is missing: resume with the same "
-                    "ema_decay the checkpoint was written with"
-                )
-            load_ema_state(self.ema, path)
+            load_ema_checkpoint(
+                self.ema, resume_from_checkpoint, "resume with the same ema_decay the checkpoint was written with"
+            )
 
     def _on_resume(self, checkpoint: str) -> None:
         """The rollout counter follows the optimizer step, so window and noise continue where they stopped."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 from collections import defaultdict
 
 import torch
@@ -28,7 +27,7 @@ from transformers import Trainer
 from refiner_rl.configs import resolve_policy
 from refiner_rl.data import BucketBatchOrderSampler, TripletDataset, collate_triplets
 from refiner_rl.distributed import frozen_model_context, keyed_generator, occurrence_keys
-from refiner_rl.errors import CheckpointError, ConfigError
+from refiner_rl.errors import ConfigError
 from refiner_rl.evaluation import reward_columns
 from refiner_rl.policies.kontext import KontextPolicy, unpack_latents
 from refiner_rl.rollout import initial_latents, paste_back, rollout, sampling_sigmas
@@ -36,7 +35,7 @@ from refiner_rl.sampling import batch_conditions, sample_images, sample_trajecto
 from refiner_rl.scoring.base import BASELINE_FIELD, Reward
 from refiner_rl.scoring.registry import check_required_fields
 from refiner_rl.trainers.base import PolicyTrainerMixin
-from refiner_rl.trainers.ema import EMA, EMA_FILE, EMACallback, ema_state_path, load_ema_state, save_ema_state
+from refiner_rl.trainers.ema import EMA, EMACallback, load_ema_checkpoint, save_ema_state
 from refiner_rl.trainers.grpo_trainer import EVAL_SEED, FlowGRPOTrainer
 from refiner_rl.trainers.refl_config import FlowReFLConfig
 
@@ -297,13 +296,7 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
 
     def _load_extra_state(self, checkpoint: str) -> None:
         if self.ema is not None:
-            path = ema_state_path(checkpoint)
-            if path is None:
-                raise CheckpointError(
-                    f"reference: ema but {os.path.join(checkpoint, EMA_FILE)} is missing: resume with the reference "
-                    "it was written with"
-                )
-            load_ema_state(self.ema, path)
+            load_ema_checkpoint(self.ema, checkpoint, "resume with the reference (reference: ema) it was written with")
 
 
 def _task_rewards(task_mix: dict[str, float], rewards, names: list[str]) -> dict[str, list[int]]:
