@@ -130,7 +130,9 @@ class DataArguments:
     Reading:
         resolution, buckets, skip_invalid_records, alpha_background (how transparent pixels are flattened),
         dataset_num_proc (processes of the validation pass), dataset_cache_dir (where ``datasets`` keeps the
-        Arrow files and the cached validation; a second start with the same files skips validation).
+        Arrow files and the cached validation; a second start with the same files skips validation),
+        reference_alignment and registration_scale_range (register each reference to its draft and warp it into
+        the draft's frame).
     Synthetic set:
         synthetic_records, synthetic_eval_records, synthetic_size, synthetic_seed, synthetic_curriculum (SFT: phases
         of geometry mixes, e.g. aligned first, then shifted and zoomed); the reference's geometry
@@ -172,6 +174,19 @@ class DataArguments:
     dataset_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Cache folder of `datasets` (Arrow files, cached validation); None: HF_DATASETS_CACHE."},
+    )
+    reference_alignment: str = field(
+        default="none",
+        metadata={
+            "help": "none: the editor sees the reference as it is. register: each reference is registered to its "
+            "draft (a scale and a translation found by matching the draft around the mask, the region compared "
+            "after the draft's degradation) and warped into the draft's frame, so the region's detail lines up "
+            "with the mask for a reference that is panned or zoomed. Train and evaluate with the same setting."
+        },
+    )
+    registration_scale_range: list[float] = field(
+        default_factory=lambda: [0.5, 3.0],
+        metadata={"help": "[min, max] scale of the reference against the draft that registration searches."},
     )
     synthetic_records: int = field(
         default=512, metadata={"help": "Number of synthetic training records (dataset: synthetic)."}
@@ -235,6 +250,17 @@ class DataArguments:
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ConfigError(f"`dataset_num_proc` must be >= 1 or unset, got {self.dataset_num_proc}")
         self.synthetic_curriculum = _curriculum(self.synthetic_curriculum)
+        from refiner_rl.data.records import REFERENCE_ALIGNMENTS
+
+        if self.reference_alignment not in REFERENCE_ALIGNMENTS:
+            raise ConfigError(
+                f"`reference_alignment` must be one of {', '.join(REFERENCE_ALIGNMENTS)}, got {self.reference_alignment!r}"
+            )
+        lo, hi = (list(self.registration_scale_range) + [0, 0])[:2]
+        if len(self.registration_scale_range) != 2 or not 0 < lo <= hi:
+            raise ConfigError(
+                f"`registration_scale_range` must be [min, max] with 0 < min <= max, got {self.registration_scale_range}"
+            )
 
     def build(self, *, multiple: int, eval: bool = False):
         """The training (or held-out) :class:`TripletDataset`; ``None`` when no held-out set is asked for."""
@@ -277,7 +303,11 @@ class DataArguments:
             skip_invalid=self.skip_invalid_records,
             alpha_background=self.alpha_background,
             num_proc=self.dataset_num_proc,
+            reference_alignment=self.reference_alignment,
+            registration={"scale_range": tuple(self.registration_scale_range)},
         )
+        if self.reference_alignment == "register":
+            ds.register_references()
         if phases:
             ds.curriculum = phases  # (first record, end, fraction of the steps) per phase; the SFT sampler reads it
         return ds

@@ -64,8 +64,9 @@ def test_the_model_uses_a_shifted_reference(shifted_policy):
     err_other = masked_mse(other, batch["target"], batch["mask"]).mean().item()
     err_draft = masked_mse(batch["draft"], batch["target"], batch["mask"]).mean().item()
     print(f"in-mask MSE: own reference {err_own:.5f}, swapped {err_other:.5f}, draft {err_draft:.5f}")
-    # measured: own 0.0380 (1.03x the draft's 0.0368), swapped 0.0493 (1.30x own)
-    assert err_other > 1.2 * err_own
+    # measured: own 0.0195 (0.49x the draft's 0.0401), swapped 0.0567 (2.9x own); the pan is of the target's own
+    # scene, so the surroundings tell the editor where the region went
+    assert err_other > 1.5 * err_own
 
 
 def _token_counts(policy) -> list[int]:

@@ -1,7 +1,8 @@
 """``refiner-rl demo``: the embedded default, end to end on a CPU.
 
-1. make synthetic triplets with fine detail: training triplets whose reference lines up with the target (the
-   recipes' ``synthetic_geometry``) and one held-out set per reference geometry (aligned, shifted, zoomed);
+1. make synthetic triplets with fine detail: training triplets of the recipes' ``synthetic_geometry`` (aligned,
+   shifted and zoomed references, each registered to its draft: ``reference_alignment``) and one held-out set per
+   reference geometry (aligned, shifted, zoomed);
 2. check the codec reconstructs them (PSNR);
 3. SFT the tiny editor (``recipes/tiny/sft.yaml``), write its checkpoint, log to W&B (offline without an
    API key);
@@ -77,6 +78,8 @@ def main(argv: list[str]) -> int:
     }
     shown = [held_out[g][i] for g in GEOMETRIES[1:] for i in range(4)]  # grid: 4 shifted and 4 zoomed references
     sample = collate_triplets(shown)
+    # the two sets number their records alike; samplers encode one condition per distinct index
+    sample["index"] = torch.arange(len(shown))
     recon = policy.codec.decode(policy.codec.encode(sample["target"]))
     report["codec_psnr_db"] = psnr(recon, sample["target"])
     print(

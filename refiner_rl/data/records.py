@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from refiner_rl.data.images import check_alpha_background, header_size, load_image, to_tensor
+from refiner_rl.data.registration import register_reference, warp_reference
 from refiner_rl.data.sources import load_records, parse_jsonl_row
 from refiner_rl.data.validation import (
     OPTIONAL_FIELDS,
@@ -27,7 +28,7 @@ from refiner_rl.data.validation import (
     record_name,
     validate_records,
 )
-from refiner_rl.errors import DataError
+from refiner_rl.errors import ConfigError, DataError
 
 __all__ = [
     "BucketBatchOrderSampler",
@@ -40,6 +41,7 @@ __all__ = [
     "validate_records",
 ]
 ITEM_FIELDS = ("prompt", "index", "draft", "reference", "mask")  # every item has these
+REFERENCE_ALIGNMENTS = ("none", "register")
 
 
 def fit_size(height: int, width: int, resolution: int | None, multiple: int) -> tuple[int, int]:
@@ -97,7 +99,15 @@ class TripletDataset(Dataset):
         skip_invalid: bool = False,
         alpha_background: str = "white",
         num_proc: int | None = None,
+        reference_alignment: str = "none",
+        registration: dict | None = None,
     ):
+        if reference_alignment not in REFERENCE_ALIGNMENTS:
+            raise ConfigError(
+                f"reference_alignment {reference_alignment!r} is not one of {', '.join(REFERENCE_ALIGNMENTS)}"
+            )
+        self.reference_alignment, self.registration = reference_alignment, dict(registration or {})
+        self._transforms: dict[int, tuple[float, float, float, float]] = {}
         source = load_records(records)
         if base_dir is not None:
             source = dataclasses.replace(source, base_dir=base_dir)
@@ -161,6 +171,12 @@ class TripletDataset(Dataset):
         return fit_size(h, w, res, self.multiple)
 
     def __getitem__(self, index: int) -> dict:
+        item = self._decode(index)
+        if self.reference_alignment == "register":
+            item["reference"] = self.align_reference(index, item)
+        return item
+
+    def _decode(self, index: int) -> dict:
         r = self.record(index)
         draft = self._image(r, index, "draft")
         h, w = self._size(*draft.size)
@@ -184,6 +200,40 @@ class TripletDataset(Dataset):
                 item[key] = torch.as_tensor(r[key], dtype=torch.float32)
         return item
 
+    def register_references(self, progress: bool = True) -> None:
+        """Find the registration of every item not registered yet (``reference_alignment: register``), with a
+        progress bar, so training steps and DataLoader workers (which inherit the found transforms) do not pay for
+        it. One thread: the transforms do not depend on the run's thread settings."""
+        from tqdm.auto import tqdm
+
+        for i in tqdm(
+            [i for i in range(len(self)) if i not in self._transforms],
+            desc="registering references",
+            disable=not progress,
+        ):
+            item = self._decode(i)
+            self._transforms[i] = register_reference(
+                item["draft"], item["reference"], item["mask"], **self.registration
+            )
+
+    def align_reference(self, index: int, item: dict) -> torch.Tensor:
+        """Item ``index``'s reference registered to its draft inside the mask and warped into the draft's frame
+        (:mod:`refiner_rl.data.registration`); the transform is found once per item and kept
+        (``reference_transforms``)."""
+        if index not in self._transforms:
+            self._transforms[index] = register_reference(
+                item["draft"], item["reference"], item["mask"], **self.registration
+            )
+        s, ox, oy, _ = self._transforms[index]
+        return warp_reference(item["reference"], (s, ox, oy), tuple(item["draft"].shape[-2:]), "bilinear").clamp(0, 1)
+
+    @property
+    def reference_transforms(self) -> dict[int, tuple[float, float, float, float]]:
+        """``{index: (s, ox, oy, cost)}`` of the items registered so far (``reference_alignment: register``): the
+        reference pixel ``s * (x + 0.5) + o`` shows draft pixel ``x``; ``cost`` is the match's mean squared
+        difference."""
+        return dict(self._transforms)
+
     def bucket_of(self, index: int) -> tuple[int, int, int, int]:
         """(H, W, Hr, Wr) after resizing, the key of a size bucket: from the sizes the validation pass stored, or
         (without validation) from the image headers."""
@@ -193,6 +243,8 @@ class TripletDataset(Dataset):
             name = record_name(r, index)
             w, h = header_size(r["draft"], base_dir=self.base_dir, where=f"{name}, field 'draft'")
             rw, rh = header_size(r["reference"], base_dir=self.base_dir, where=f"{name}, field 'reference'")
+        if self.reference_alignment == "register":  # the reference is warped into the draft's frame
+            return (*self._size(w, h),) * 2
         return (*self._size(w, h), *self._size(rw, rh))
 
 

@@ -3,14 +3,15 @@
 Each record: a *target* image (a coarse background pattern with a fine-detail region: glyphs, fine
 stripes, fine checkers or a block texture; with ``textures="extended"`` also fine value noise and pen
 strokes), a *draft* (the target with the region degraded by a 4x average-pool round trip, which is what VAE
-compression does to fine detail; optionally blurred and/or JPEG-compressed too), a *reference* (a different
-background holding the region's true detail) and the region's *mask*.
+compression does to fine detail; optionally blurred and/or JPEG-compressed too), a *reference* holding the
+region's true detail (an ``aligned`` one on a different background; the others are views of the target's own scene,
+whose pattern continues past the frame) and the region's *mask*.
 
 Where the detail sits in the reference is the record's *geometry* (``geometry=``, one name or a mix):
 
 - ``aligned`` (default): at the region's own place (or jittered by up to ``ref_shift`` pixels);
 - ``shifted``: the reference view is panned by up to ``shift_fraction`` of the image, same scale, in multiples of
-  ``shift_step`` pixels (1 by default; the embedded default pans by its editor's 4-pixel tokens);
+  ``shift_step`` pixels (1 by default);
 - ``zoomed``: the reference is a crop around the region rescaled by a factor drawn from ``zoom_range`` (capped so
   the magnified region fits the image), sampled nearest so the detail stays sharp;
 - ``view``: another view: a mild perspective warp (each corner moved by up to ``warp`` of the image side) and a
@@ -49,8 +50,10 @@ def _colors(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 256, size=(n, 3)).astype(np.float32)
 
 
-def _coarse_pattern(rng: np.random.Generator, size: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size]
+def _coarse_pattern(rng: np.random.Generator, size: int, pad: int = 0) -> np.ndarray:
+    """A two-colour stripe, diagonal or checker scene of ``size + 2 pad`` pixels; the pattern continues into the
+    ``pad`` border, so the centre ``size`` x ``size`` is the same scene for any ``pad``."""
+    yy, xx = np.mgrid[-pad : size + pad, -pad : size + pad]
     kind = rng.integers(3)
     period = int(rng.integers(8, 17))
     if kind == 0:
@@ -230,8 +233,11 @@ def make_triplet(
     side = max(4, int(round(size * region)))
     y0, x0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
     detail = _fine_detail(rng, side, side, TEXTURES[textures])
-    target = _coarse_pattern(rng, size)
-    target[y0 : y0 + side, x0 : x0 + side] = detail
+    # unaligned references are other views of the target's own scene, which continues past the frame by ``pad``
+    pad = 0 if kind == "aligned" else int(math.ceil(max(opts["shift_fraction"], opts["warp"]) * size)) + 1
+    canvas = _coarse_pattern(rng, size, pad)
+    canvas[y0 + pad : y0 + pad + side, x0 + pad : x0 + pad + side] = detail
+    target = canvas[pad : pad + size, pad : pad + size].copy()
     draft = target.copy()
     draft[y0 : y0 + side, x0 : x0 + side] = _degrade(detail, steps=opts["degrade"])
     color = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
@@ -242,9 +248,6 @@ def make_triplet(
         reference[ry : ry + side, rx : rx + side] = detail
         t = np.array([[1.0, 0, rx - x0], [0, 1.0, ry - y0], [0, 0, 1]])
     else:
-        pad = int(math.ceil(max(opts["shift_fraction"], opts["warp"]) * size)) + 1
-        canvas = _coarse_pattern(rng, size + 2 * pad)
-        canvas[y0 + pad : y0 + pad + side, x0 + pad : x0 + pad + side] = detail
         t = unaligned_transform(rng, kind, size, side, y0, x0, opts)
         reference = _render(canvas, pad, t, size)
         if kind == "view":
