@@ -104,6 +104,10 @@ def test_dataset_option_warps_each_reference_into_the_draft_frame():
     assert set(ds.reference_transforms) == {0, 1, 2, 3} and all(t[0] > 1.3 for t in ds.reference_transforms.values())
     err = lambda refs: ((refs - batch["target"]) ** 2 * batch["mask"]).sum() / batch["mask"].sum()  # noqa: E731
     assert err(batch["reference"]) < 0.3 * err(raw["reference"])
+    # registered up front in two worker processes: the same transforms as one item at a time
+    eager = TripletDataset(records, multiple=16, reference_alignment="register")
+    eager.register_references(progress=False, num_workers=2)
+    assert eager.reference_transforms == ds.reference_transforms
     with pytest.raises(ConfigError, match="reference_alignment 'warp' is not one of none, register"):
         TripletDataset(records, multiple=16, reference_alignment="warp")
 

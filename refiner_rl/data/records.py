@@ -9,6 +9,7 @@ workers decode ahead of the training step.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -200,21 +201,20 @@ class TripletDataset(Dataset):
                 item[key] = torch.as_tensor(r[key], dtype=torch.float32)
         return item
 
-    def register_references(self, progress: bool = True) -> None:
+    def register_references(self, progress: bool = True, num_workers: int | None = None) -> None:
         """Find the registration of every item not registered yet (``reference_alignment: register``), with a
         progress bar, so training steps and DataLoader workers (which inherit the found transforms) do not pay for
-        it. One thread: the transforms do not depend on the run's thread settings."""
+        it. ``num_workers`` DataLoader worker processes share the work (default: one per CPU core when there are at
+        least 64 items); each registers on one thread, so the transforms do not depend on the run's thread settings
+        or on the number of workers."""
         from tqdm.auto import tqdm
 
-        for i in tqdm(
-            [i for i in range(len(self)) if i not in self._transforms],
-            desc="registering references",
-            disable=not progress,
-        ):
-            item = self._decode(i)
-            self._transforms[i] = register_reference(
-                item["draft"], item["reference"], item["mask"], **self.registration
-            )
+        todo = [i for i in range(len(self)) if i not in self._transforms]
+        if num_workers is None:
+            num_workers = min(os.cpu_count() or 1, 8) if len(todo) >= 64 else 0
+        loader = torch.utils.data.DataLoader(_Registrations(self, todo), batch_size=None, num_workers=num_workers)
+        for i, transform in tqdm(loader, total=len(todo), desc="registering references", disable=not progress):
+            self._transforms[int(i)] = tuple(float(v) for v in transform)
 
     def align_reference(self, index: int, item: dict) -> torch.Tensor:
         """Item ``index``'s reference registered to its draft inside the mask and warped into the draft's frame
@@ -246,6 +246,21 @@ class TripletDataset(Dataset):
         if self.reference_alignment == "register":  # the reference is warped into the draft's frame
             return (*self._size(w, h),) * 2
         return (*self._size(w, h), *self._size(rw, rh))
+
+
+class _Registrations(Dataset):
+    """Item ``k``: ``(index, (s, ox, oy, cost))``, the registration of the dataset's item ``todo[k]``."""
+
+    def __init__(self, dataset: TripletDataset, todo: list[int]):
+        self.dataset, self.todo = dataset, todo
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, k: int):
+        i = self.todo[k]
+        item = self.dataset._decode(i)
+        return i, register_reference(item["draft"], item["reference"], item["mask"], **self.dataset.registration)
 
 
 def collate_triplets(items: Iterable[dict]) -> dict:
