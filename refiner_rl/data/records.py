@@ -216,14 +216,15 @@ class TripletDataset(Dataset):
         for i, transform in tqdm(loader, total=len(todo), desc="registering references", disable=not progress):
             self._transforms[int(i)] = tuple(float(v) for v in transform)
 
+    def _register(self, item: dict) -> tuple[float, float, float, float]:
+        return register_reference(item["draft"], item["reference"], item["mask"], **self.registration)
+
     def align_reference(self, index: int, item: dict) -> torch.Tensor:
         """Item ``index``'s reference registered to its draft inside the mask and warped into the draft's frame
         (:mod:`refiner_rl.data.registration`); the transform is found once per item and kept
         (``reference_transforms``)."""
         if index not in self._transforms:
-            self._transforms[index] = register_reference(
-                item["draft"], item["reference"], item["mask"], **self.registration
-            )
+            self._transforms[index] = self._register(item)
         s, ox, oy, _ = self._transforms[index]
         return warp_reference(item["reference"], (s, ox, oy), tuple(item["draft"].shape[-2:]), "bilinear").clamp(0, 1)
 
@@ -259,8 +260,7 @@ class _Registrations(Dataset):
 
     def __getitem__(self, k: int):
         i = self.todo[k]
-        item = self.dataset._decode(i)
-        return i, register_reference(item["draft"], item["reference"], item["mask"], **self.dataset.registration)
+        return i, self.dataset._register(self.dataset._decode(i))
 
 
 def collate_triplets(items: Iterable[dict]) -> dict:
