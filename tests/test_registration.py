@@ -9,6 +9,7 @@ from refiner_rl.data import TripletDataset, collate_triplets, synthetic_records
 from refiner_rl.data.images import to_tensor
 from refiner_rl.data.registration import register_reference, warp_reference
 from refiner_rl.errors import ConfigError
+from tests.helpers import data_seeds, learning_figure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +26,8 @@ def _in_mask(a, b, m):
 @pytest.mark.parametrize("geometry", ["shifted", "zoomed"])
 def test_registration_finds_the_transform_and_lines_the_detail_up(geometry):
     ratios, hits = [], 0
-    records = synthetic_records(16, seed=5, size=32, geometry=geometry, shift_step=4, zoom_range=(1.5, 2.0))
+    seed = 5 + data_seeds()[0]  # 5 unless bench/learning_margins.py draws other records
+    records = synthetic_records(16, seed=seed, size=32, geometry=geometry, shift_step=4, zoom_range=(1.5, 2.0))
     for r in records:
         target, draft, ref, mask = _tensors(r)
         s, ox, oy, cost = register_reference(draft, ref, mask)
@@ -38,9 +40,10 @@ def test_registration_finds_the_transform_and_lines_the_detail_up(geometry):
         hits += bool(np.abs(found - truth).max() < 1.0 and abs(s / t[0, 0] - 1) < 0.03)
         aligned = warp_reference(ref, (s, ox, oy), (32, 32), "bilinear")
         ratios.append(_in_mask(aligned, target, mask) / _in_mask(draft, target, mask))
-    # measured (seed 5): shifted 16/16 found, in-mask error 0.00x the draft's; zoomed 14/16, 0.11x
-    assert hits >= 13, (geometry, hits)
-    assert float(np.mean(ratios)) < 0.25, (geometry, ratios)
+    # measured over 5 record sets (bench/learning_margins.py): shifted 16/16 found, in-mask error 0.00x the draft's;
+    # zoomed 14-16/16, 0.03-0.18x
+    learning_figure(f"registration {geometry}: transforms found of 16", hits, ">=", 12)
+    learning_figure(f"registration {geometry}: in-mask error, warped reference / draft", np.mean(ratios), "<", 0.25)
 
 
 def test_another_records_reference_does_not_line_up():

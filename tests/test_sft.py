@@ -8,7 +8,16 @@ import torch
 
 from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
 from refiner_rl.trainers.losses import mask_weighted_flow_loss
-from tests.helpers import SMALL, perturb_lora, small_policy, synthetic_dataset, tiny_pipeline
+from tests.helpers import (
+    LEARNING_SEED,
+    SMALL,
+    data_seeds,
+    learning_figure,
+    perturb_lora,
+    small_policy,
+    synthetic_dataset,
+    tiny_pipeline,
+)
 
 
 def test_mask_weighted_loss_by_hand():
@@ -43,10 +52,11 @@ def _args(tmp_path, **kw):
 
 
 def test_sft_loss_falls_on_the_tiny_model(tmp_path):
-    policy = small_policy()  # full fine-tuning
-    ds = synthetic_dataset(64)
+    policy = small_policy(seed=LEARNING_SEED)  # full fine-tuning
+    ds = synthetic_dataset(64, seed=data_seeds()[0])
     args = _args(
         tmp_path,
+        seed=LEARNING_SEED,
         max_steps=60,
         per_device_train_batch_size=8,
         learning_rate=1e-3,
@@ -58,7 +68,8 @@ def test_sft_loss_falls_on_the_tiny_model(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6
-    assert losses[-1] < 0.8 * losses[0], losses
+    # worst of 5 seeds x 2 kernel sets: 0.795 (bench/learning_margins.py); the loss floor with uniform sigma is ~1.1 of 1.45
+    learning_figure("sft: last logged loss / first", losses[-1] / losses[0], "<", 0.9)
 
 
 def test_lora_round_trip_through_flux_kontext_pipeline(tmp_path):

@@ -8,7 +8,7 @@ from refiner_rl.data import TripletDataset, collate_triplets, synthetic_records
 from refiner_rl.evaluation import masked_mse
 from refiner_rl.sampling import sample_images
 from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
-from tests.helpers import small_policy
+from tests.helpers import LEARNING_SEED, data_seeds, learning_figure, small_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,10 +42,11 @@ def shifted_policy(tmp_path_factory):
     from refiner_rl.policies import KontextPolicy
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    torch.manual_seed(LEARNING_SEED)
     policy = KontextPolicy.tiny()
-    args = _sft_args(tmp_path_factory.mktemp("shifted-sft"), max_steps=STEPS, lr_scheduler_type="constant")
-    FlowSFTTrainer(policy, args, _shifted(256, seed=0)).train()
+    out = tmp_path_factory.mktemp("shifted-sft")
+    args = _sft_args(out, max_steps=STEPS, lr_scheduler_type="constant", seed=LEARNING_SEED)
+    FlowSFTTrainer(policy, args, _shifted(256, seed=data_seeds()[0])).train()
     policy.transformer.eval()
     return policy
 
@@ -56,17 +57,18 @@ STEPS = 500
 def test_the_model_uses_a_shifted_reference(shifted_policy):
     # the same held-out drafts and noise, once with each record's own reference and once with the next record's:
     # the detail (and its colours) are only in the right reference, so the in-mask error must rise clearly
-    batch = collate_triplets([_shifted(24, seed=1)[i] for i in range(24)])
+    batch = collate_triplets([_shifted(24, seed=data_seeds()[1])[i] for i in range(24)])
     swapped = {**batch, "reference": batch["reference"].roll(1, dims=0)}
-    own = sample_images(shifted_policy, batch, num_steps=8, seed=0)
-    other = sample_images(shifted_policy, swapped, num_steps=8, seed=0)
+    own = sample_images(shifted_policy, batch, num_steps=8, seed=LEARNING_SEED)
+    other = sample_images(shifted_policy, swapped, num_steps=8, seed=LEARNING_SEED)
     err_own = masked_mse(own, batch["target"], batch["mask"]).mean().item()
     err_other = masked_mse(other, batch["target"], batch["mask"]).mean().item()
     err_draft = masked_mse(batch["draft"], batch["target"], batch["mask"]).mean().item()
     print(f"in-mask MSE: own reference {err_own:.5f}, swapped {err_other:.5f}, draft {err_draft:.5f}")
-    # measured: own 0.0195 (0.49x the draft's 0.0401), swapped 0.0567 (2.9x own); the pan is of the target's own
+    # measured (seed 0): own 0.0195 (0.49x the draft's 0.0401), swapped 0.0567 (2.9x own; 2.8-3.5x over 5 seeds and
+    # two kernel sets, bench/learning_margins.py); the pan is of the target's own
     # scene, so the surroundings tell the editor where the region went
-    assert err_other > 1.5 * err_own
+    learning_figure("unaligned: in-mask error, swapped reference / own", err_other / err_own, ">", 1.5)
 
 
 def _token_counts(policy) -> list[int]:

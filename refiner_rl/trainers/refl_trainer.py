@@ -21,17 +21,17 @@ from collections import defaultdict
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from refiner_rl.configs import resolve_policy
-from refiner_rl.data import BucketBatchOrderSampler, TripletDataset, collate_triplets
+from refiner_rl.data import BucketBatchOrderSampler, TripletDataset
 from refiner_rl.distributed import frozen_model_context, keyed_generator, occurrence_keys
 from refiner_rl.errors import ConfigError
 from refiner_rl.evaluation import reward_columns
+from refiner_rl.evaluation.loop import SamplerSettings, load_batch, record_batches, sample_batch
 from refiner_rl.policies.kontext import KontextPolicy, unpack_latents
 from refiner_rl.rollout import initial_latents, paste_back, rollout, sampling_sigmas
-from refiner_rl.sampling import batch_conditions, sample_images, sample_trajectories
+from refiner_rl.sampling import batch_conditions, sample_trajectories
 from refiner_rl.scoring.base import BASELINE_FIELD, Reward
 from refiner_rl.scoring.registry import check_required_fields
 from refiner_rl.trainers.base import PolicyTrainerMixin
@@ -266,24 +266,15 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
         return FlowGRPOTrainer.evaluate(self, eval_dataset, ignore_keys, metric_key_prefix, use_ema=False)
 
     def _held_out_references(self, ds) -> dict[int, torch.Tensor]:
-        """The reference policy's ODE sample of every held-out record (by record index), drawn with the noise the
-        held-out evaluation gives the policy (batch ``i`` from ``EVAL_SEED + i``)."""
+        """The reference policy's ODE sample of every held-out record (by record index), sampled as the held-out
+        evaluation samples the policy: the same batches and record ``i``'s noise from ``(EVAL_SEED, i)``. At the
+        start of a frozen-reference run the two samples are equal."""
         a, model = self.args, self.accelerator.unwrap_model(self.model)
-        loader = DataLoader(ds, batch_size=a.per_device_eval_batch_size, shuffle=False, collate_fn=collate_triplets)
+        sampler = SamplerSettings(a.num_inference_steps, EVAL_SEED, a.start_sigma, a.paste_back)
         out = {}
         with self.reference_transformer(model) as ref:
-            for i, batch in enumerate(loader):
-                images = sample_images(
-                    self.policy,
-                    batch,
-                    num_steps=a.num_inference_steps,
-                    seed=EVAL_SEED + i,
-                    start_sigma=a.start_sigma,
-                    paste=a.paste_back,
-                    micro_batch=a.per_device_eval_batch_size,
-                    transformer=ref,
-                ).cpu()
-                out.update(zip(batch["index"].tolist(), images))
+            for idx in record_batches(ds, range(len(ds)), a.per_device_eval_batch_size):
+                out.update(zip(idx, sample_batch(self.policy, load_batch(ds, idx), sampler, transformer=ref)))
         return out
 
     # ------------------------------------------------------------------------------------- checkpointing
