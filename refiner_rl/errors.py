@@ -30,5 +30,9 @@ class RewardError(UserError, ValueError):
     """A reward cannot be built or has failed in a way training cannot go on from."""
 
 
+class NumericsError(UserError, FloatingPointError):
+    """The model produced non-finite values (NaN or inf): a dtype, attention kernel or learning rate to change."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (model, transformer, checkpoint) does not exist or lacks a part."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from refiner_rl.dynamics import ode_step, sde_step, sigma_schedule
+from refiner_rl.errors import NumericsError
 from refiner_rl.policies.kontext import Conditions, KontextPolicy
 
 
@@ -117,6 +118,8 @@ def rollout(
             transformer=transformer,
             true_cfg_scale=true_cfg_scale,
         )
+        if not bool(torch.isfinite(v).all()):
+            raise non_finite_error(v, i, s, s_next, transformer if transformer is not None else policy.transformer)
         if i in sde:
             per_sample = isinstance(generator, (list, tuple))
             noise = randn(x.shape, generator, x.device) if per_sample else None
@@ -150,6 +153,27 @@ def rollout(
         sde_steps=sorted(sde),
         sigmas=sigmas,
         means=torch.stack(means, 1) if means else empty,
+    )
+
+
+def attention_backend(transformer) -> str:
+    """The attention kernel a diffusers transformer runs: the dispatcher backend set on its attention processors
+    (``set_attention_backend``), else torch's scaled-dot-product attention, which picks its own kernel."""
+    model = getattr(transformer, "module", transformer)  # a DDP / DeepSpeed wrapper holds the model
+    for m in model.modules() if hasattr(model, "modules") else ():
+        backend = getattr(getattr(m, "processor", None), "_attention_backend", None)
+        if backend is not None:
+            return getattr(backend, "value", str(backend))
+    return "native (torch SDPA chooses the kernel)"
+
+
+def non_finite_error(v: torch.Tensor, step: int, sigma: float, sigma_next: float, transformer) -> NumericsError:
+    """The error for a velocity with NaN or inf entries at a rollout step: where, how much, and which kernel."""
+    bad = (~torch.isfinite(v)).float().mean().item()
+    return NumericsError(
+        f"rollout step {step} (sigma {sigma:.4f} -> {sigma_next:.4f}): the velocity is non-finite in {bad:.1%} of its "
+        f"entries ({v.dtype}, attention backend {attention_backend(transformer)}); try fp32 weights, another attention "
+        "kernel, or a lower learning rate"
     )
 
 

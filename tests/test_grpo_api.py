@@ -223,3 +223,27 @@ def test_defaults_and_the_sft_trainer_takes_the_same_arguments(tmp_path, monkeyp
     )
     assert sft.policy.has_lora and sft.model is sft.policy.transformer
     assert all(".to_k.lora_" in n for n, p in sft.model.named_parameters() if p.requires_grad)
+
+
+def test_a_non_finite_velocity_stops_the_rollout_with_one_line_naming_the_step(tmp_path, monkeypatch):
+    from refiner_rl.errors import NumericsError
+
+    policy = small_policy(lora=True)
+    calls, velocity = [], policy.velocity
+
+    def nan_from_the_third_call(x, sigma, cond, **kw):
+        calls.append(float(sigma[0]))
+        v = velocity(x, sigma, cond, **kw).clone()
+        if len(calls) >= 3:
+            v[:, 0] = float("nan")  # the first token of every sample
+        return v
+
+    monkeypatch.setattr(policy, "velocity", nan_from_the_third_call)
+    trainer = FlowGRPOTrainer(
+        policy, [rf.brightness], args=_args(tmp_path, max_steps=1), train_dataset=synthetic_dataset(2, size=16)
+    )
+    with pytest.raises(NumericsError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert msg.startswith(f"rollout step 2 (sigma {calls[2]:.4f} -> ") and "\n" not in msg
+    assert "non-finite in " in msg and "attention backend native" in msg and "torch.float32" in msg
