@@ -76,6 +76,14 @@ class ModelArguments:
         },
     )
     max_sequence_length: int = field(default=512, metadata={"help": "T5 prompt length."})
+    attention_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel (diffusers' dispatcher): auto (on CUDA torch's memory-efficient kernel, "
+            "avoiding cuDNN attention's bf16 defects; elsewhere torch's choice) or a diffusers backend name "
+            "(native, _native_math, _native_flash, _native_efficient, _native_cudnn, flash, ...)."
+        },
+    )
     use_lora: bool = field(
         default=True, metadata={"help": "Train a LoRA adapter (peft) instead of all transformer weights."}
     )
@@ -100,6 +108,9 @@ class ModelArguments:
             raise ValueError(
                 f"`reference_positions` must be one of {', '.join(REFERENCE_POSITIONS)}, got {self.reference_positions!r}"
             )
+        from refiner_rl.policies.attention import resolve_attention_backend
+
+        resolve_attention_backend(self.attention_backend, "cpu")  # a ConfigError naming the known backends
 
     def lora_config(self):
         """The peft ``LoraConfig`` these arguments describe, or None without ``use_lora``."""
@@ -337,6 +348,7 @@ def _curriculum(value) -> dict[str, float] | None:
 def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu"):
     """The policy described by ``model_args``, with its LoRA attached (or loaded) when asked."""
     from refiner_rl.policies import KontextPolicy
+    from refiner_rl.policies.attention import set_attention_backend
 
     dtype = model_args.resolve_dtype(device)
     if model_args.model_name_or_path == "tiny":
@@ -366,6 +378,7 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
         raise ValueError(
             "`init_lora_path` needs `use_lora: true` (the adapter is loaded into a LoRA of the same shape)"
         )
+    set_attention_backend(policy.transformer, model_args.attention_backend, device)
     return policy.to(device)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from refiner_rl.dynamics import ode_step, sde_step, sigma_schedule
 from refiner_rl.errors import NumericsError
+from refiner_rl.policies.attention import attention_backend
 from refiner_rl.policies.kontext import Conditions, KontextPolicy
 
 
@@ -154,17 +155,6 @@ def rollout(
         sigmas=sigmas,
         means=torch.stack(means, 1) if means else empty,
     )
-
-
-def attention_backend(transformer) -> str:
-    """The attention kernel a diffusers transformer runs: the dispatcher backend set on its attention processors
-    (``set_attention_backend``), else torch's scaled-dot-product attention, which picks its own kernel."""
-    model = getattr(transformer, "module", transformer)  # a DDP / DeepSpeed wrapper holds the model
-    for m in model.modules() if hasattr(model, "modules") else ():
-        backend = getattr(getattr(m, "processor", None), "_attention_backend", None)
-        if backend is not None:
-            return getattr(backend, "value", str(backend))
-    return "native (torch SDPA chooses the kernel)"
 
 
 def non_finite_error(v: torch.Tensor, step: int, sigma: float, sigma_next: float, transformer) -> NumericsError:

@@ -164,3 +164,55 @@ def test_add_lora_takes_a_peft_config_and_model_arguments_describe_one():
     lc = args.lora_config()
     assert (lc.r, lc.lora_alpha, lc.lora_dropout, set(lc.target_modules)) == (8, 8, 0.1, {"to_q"})
     assert ModelArguments(use_lora=False).lora_config() is None
+
+
+@pytest.fixture
+def restore_attention_backend():
+    """``set_attention_backend`` also sets diffusers' process-wide active backend: put torch's default back."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    yield
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+
+
+@pytest.mark.parametrize("name", ["native", "_native_math", "_native_flash"])
+def test_each_attention_backend_is_honoured_through_the_dispatcher(name, monkeypatch, restore_attention_backend):
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from refiner_rl.configs import ModelArguments, build_policy
+    from refiner_rl.policies.attention import attention_backend
+
+    tiny = dict(
+        num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=[4, 6, 6]
+    )
+    default = build_policy(ModelArguments(model_name_or_path="tiny", tiny_model=tiny, use_lora=False))
+    assert attention_backend(default.transformer).startswith("native (torch SDPA")  # auto on a CPU: left as it is
+    cond = default.encode_conditions(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16), prompts=["x"])
+    x, s = torch.randn(1, 16, 48), torch.tensor([0.5])
+    expected = default.velocity(x, s, cond)  # torch's own kernel choice
+    policy = build_policy(
+        ModelArguments(model_name_or_path="tiny", tiny_model=tiny, use_lora=False, attention_backend=name)
+    )
+    assert attention_backend(policy.transformer) == name
+    calls = []
+    kernel = _AttentionBackendRegistry._backends[AttentionBackendName(name)]
+    monkeypatch.setitem(
+        _AttentionBackendRegistry._backends,
+        AttentionBackendName(name),
+        lambda *a, **kw: calls.append(name) or kernel(*a, **kw),
+    )
+    v = policy.velocity(x, s, cond)
+    assert len(calls) == 2  # one double-stream and one single-stream block, each through the chosen kernel
+    torch.testing.assert_close(v, expected, rtol=1e-4, atol=1e-5)  # the same weights, another kernel
+
+
+def test_unknown_attention_backend_is_a_config_error_listing_the_names():
+    from refiner_rl.configs import ModelArguments
+    from refiner_rl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"attention_backend 'cudnn': use auto or one of .*_native_efficient"):
+        ModelArguments(model_name_or_path="tiny", attention_backend="cudnn")
+    from refiner_rl.policies.attention import resolve_attention_backend
+
+    assert resolve_attention_backend("auto", "cuda") == "_native_efficient"
+    assert resolve_attention_backend("auto", "cpu") == "native"
