@@ -78,11 +78,7 @@ class ModelArguments:
     max_sequence_length: int = field(default=512, metadata={"help": "T5 prompt length."})
     attention_backend: str = field(
         default="auto",
-        metadata={
-            "help": "Attention kernel (diffusers' dispatcher): auto (on CUDA torch's memory-efficient kernel, "
-            "avoiding cuDNN attention's bf16 defects; elsewhere torch's choice) or a diffusers backend name "
-            "(native, _native_math, _native_flash, _native_efficient, _native_cudnn, flash, ...)."
-        },
+        metadata={"help": "Attention kernel: auto (no cuDNN on CUDA) or diffusers name."},
     )
     use_lora: bool = field(
         default=True, metadata={"help": "Train a LoRA adapter (peft) instead of all transformer weights."}
