@@ -144,3 +144,30 @@ def test_a_coarse_rollout_tail_keeps_the_window_and_saves_forwards(tmp_path):
     assert not torch.equal(full._last_samples["scores"], tail._last_samples["scores"]), (
         "the reward sees the coarser finish"
     )
+
+
+def test_a_bf16_rollout_keeps_the_step_arithmetic_in_fp32_and_samples_what_fp32_samples():
+    from refiner_rl.data import collate_triplets
+    from refiner_rl.sampling import batch_conditions, sample_trajectories
+
+    ds = synthetic_dataset(4, size=16)
+    batch = collate_triplets([ds[i] for i in range(4)])
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        policy = small_policy()
+        policy.transformer.to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            cond, _ = batch_conditions(policy, batch)
+            gen = torch.Generator().manual_seed(0)
+            trajs, sigmas, images = sample_trajectories(
+                policy, batch, cond, num_steps=4, generator=gen, sde_steps=[0, 1]
+            )
+        t = trajs[0]
+        # schedule, states, SDE means and log-probs in fp32 whatever the weights' dtype (1/sigma terms, sigma near 1)
+        for name in ("latents", "states", "next_states", "means", "log_probs", "log_prob_tokens"):
+            assert getattr(t, name).dtype == torch.float32, (dtype, name)
+        assert sigmas.dtype == torch.float32 and images.dtype == torch.float32
+        out[dtype] = images
+    diff = (out[torch.float32] - out[torch.bfloat16]).abs()
+    # measured over 5 seeds: max 0.009-0.011, mean 0.0013 (bf16 rounding of the velocity alone)
+    assert diff.max() < 0.03 and diff.mean() < 0.004, (diff.max(), diff.mean())
