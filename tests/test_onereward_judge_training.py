@@ -50,7 +50,7 @@ def test_judge_learns_the_preferences_well_above_chance_on_held_out_pairs(traine
     # score 1/2 [P(Yes | winner, loser) + 1 - P(Yes | loser, winner)] > 1/2, so reading the order alone scores 0.
     assert before["step"] == 0 and after["step"] == 300
     learning_figure("judge: held-out accuracy before training", before["eval_accuracy"], "<=", 0.7)
-    learning_figure("judge: held-out accuracy after training", after["eval_accuracy"], ">=", 0.8)
+    learning_figure("judge: held-out accuracy after training", after["eval_accuracy"], ">=", 0.78)
     learning_figure("judge: held-out loss after training", after["eval_loss"], "<", 0.45)
     assert train[-1]["loss"] < math.log(2)
     assert after["eval_accuracy/refine/detail_fidelity"] == after["eval_accuracy"]  # the tiny recipe's one dimension
