@@ -16,6 +16,7 @@ A rank lost to SIGABRT (seen once in ~25 CPU runs of deepspeed 0.19.8) is retrie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -63,7 +64,9 @@ def _accelerate() -> list[str]:
 
 
 def launch(stage: str, mode: str, out, *overrides: str, timeout: int = 600) -> None:
-    """Run ``refiner_rl <stage>`` on 1 process (``mode='1p'``) or 2 under a shipped accelerate config."""
+    """Run ``refiner_rl <stage>`` on 1 process (``mode='1p'``), on 2 under a shipped accelerate config, or
+    (``mode='multinode'``) as two machines on loopback: the shipped multi-node config launched twice, machine ranks
+    0 and 1, one process each, meeting at 127.0.0.1."""
     n = 1 if mode == "1p" else 2
     recipe = SFT_RECIPE if stage == "sft" else GRPO_RECIPE
     args = [
@@ -83,7 +86,31 @@ def launch(stage: str, mode: str, out, *overrides: str, timeout: int = 600) -> N
         *overrides,
     ]
     if mode == "1p":
-        cmd = [sys.executable, "-m", "refiner_rl", *args]
+        cmds = [[sys.executable, "-m", "refiner_rl", *args]]
+    elif mode == "multinode":
+        port = str(_free_port())
+        cmds = [
+            [
+                *_accelerate(),
+                "launch",
+                "--config_file",
+                os.path.join(ACC, "multi_node.yaml"),
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "-m",
+                "refiner_rl",
+                *args,
+            ]
+            for rank in (0, 1)
+        ]
     else:
         cmd = [
             *_accelerate(),
@@ -98,8 +125,9 @@ def launch(stage: str, mode: str, out, *overrides: str, timeout: int = 600) -> N
             "refiner_rl",
             *args,
         ]
+        cmds = [cmd]
     for attempt in (1, 2):
-        rc, log = _run(cmd, timeout)
+        rc, log = _run(cmds, timeout)
         if rc == 0:
             return
         if attempt == 1 and re.search(r"SIGABRT|Signal 6|exitcode\s*:\s*-6", log):
@@ -109,18 +137,35 @@ def launch(stage: str, mode: str, out, *overrides: str, timeout: int = 600) -> N
         pytest.fail(f"{stage} {mode} failed (rc={rc}):\n{log[-6000:]}")
 
 
-def _run(cmd: list[str], timeout: int) -> tuple[int, str]:
-    # Own process group, so a timeout also ends the ranks the launcher started.
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return 124, out + f"\n[timed out after {timeout}s]"
-    return proc.returncode, out
+def _run(cmds: list[list[str]], timeout: int) -> tuple[int, str]:
+    """Run the commands side by side (the machines of a multi-node launch); the first failing exit code and the logs."""
+    # Own process groups, so a timeout also ends the ranks the launchers started.
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for cmd in cmds
+    ]
+    rcs, logs = [], []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            rcs.append(proc.returncode)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            rcs.append(124)
+            out += f"\n[timed out after {timeout}s]"
+        logs.append(out)
+    return next((rc for rc in rcs if rc != 0), 0), "\n".join(logs)
 
 
 def _read(path) -> str:
@@ -379,6 +424,14 @@ def test_grpo_on_two_processes_matches_one(runs, mode):
     assert_same_logs(one, two, rel=("reward", "reward_std", "kl", "grad_norm"), absolute={"loss": 1e-7})
     assert_same_weights(one, two)
     assert_same_weights(one / "ema", two / "ema")  # the EMA, updated from gathered weights under ZeRO-3
+
+
+def test_grpo_on_two_machines_over_loopback_matches_one_process(runs):
+    """The shipped multi-node config (DeepSpeed ZeRO-3, static rendezvous) as two machines of one process each."""
+    one, two = runs("grpo", "1p"), runs("grpo", "multinode")
+    assert_same_logs(one, two, rel=("reward", "reward_std", "kl", "grad_norm"), absolute={"loss": 1e-7})
+    assert_same_weights(one, two)
+    assert_same_weights(one / "ema", two / "ema")
 
 
 # --------------------------------------------------------------------------------------- in-process tests
