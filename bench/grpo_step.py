@@ -42,6 +42,7 @@ CPU timings on a shared machine are noisy: compare numbers from the same run, an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -83,20 +84,41 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def bench_policy(a) -> KontextPolicy:
+    """The policy at the command line's shape, its random weights drawn directly on ``a.device`` in ``a.dtype``: a
+    real-size transformer (FLUX.1-Kontext-dev's 12B parameters) never exists in fp32 or on the CPU."""
+    torch.manual_seed(a.seed)
+    dtype = getattr(torch, getattr(a, "dtype", "float32"))
+    with torch.device(a.device), _default_dtype(dtype):
+        policy = KontextPolicy.tiny(
+            dtype=dtype,
+            num_layers=a.layers,
+            num_single_layers=a.single_layers,
+            num_attention_heads=a.heads,
+            attention_head_dim=a.head_dim,
+            joint_attention_dim=a.joint_dim,
+            axes_dims_rope=rope_axes(a.head_dim),
+            text_max_length=a.text_len,
+            codec_factor=a.codec_factor,
+            guidance_embeds=a.guidance_embeds,
+        )
+    return policy
+
+
 def build_trainer(a, out_dir: str, **overrides) -> FlowGRPOTrainer:
     """A trainer at the shapes of the command line; ``overrides`` replace config fields."""
-    torch.manual_seed(a.seed)
-    policy = KontextPolicy.tiny(
-        num_layers=a.layers,
-        num_single_layers=a.single_layers,
-        num_attention_heads=a.heads,
-        attention_head_dim=a.head_dim,
-        joint_attention_dim=a.joint_dim,
-        axes_dims_rope=rope_axes(a.head_dim),
-        text_max_length=a.text_len,
-        codec_factor=a.codec_factor,
-        guidance_embeds=a.guidance_embeds,
-    )
+    policy = bench_policy(a)
+    dtype = policy.dtype
     if a.lora_rank > 0:
         policy.add_lora(rank=a.lora_rank, target_modules=a.lora_targets.split(","))
     policy.to(a.device)
@@ -123,6 +145,8 @@ def build_trainer(a, out_dir: str, **overrides) -> FlowGRPOTrainer:
         disable_tqdm=True,
         save_strategy="no",
         log_samples=False,
+        bf16=dtype == torch.bfloat16,
+        activation_checkpointing=bool(getattr(a, "activation_checkpointing", False)),
     )
     overrides = dict(overrides)
     per_step = overrides.pop("backward_per_step", True)
@@ -527,7 +551,7 @@ def _fmt_mem(mem: dict) -> str:
     return ", ".join(f"{k} {v['peak_rss_mb']:.0f}" for k, v in mem.items())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("transformer")
     g.add_argument("--layers", type=int, default=1, help="double-stream (MM-DiT) blocks")
@@ -540,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--guidance_embeds", action="store_true", help="a guidance-distilled transformer (as Kontext-dev)")
     g.add_argument("--lora_rank", type=int, default=16, help="0 = full fine-tuning")
     g.add_argument("--lora_targets", default=",".join(DEFAULT_LORA_TARGETS))
+    g.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="transformer weights (+ autocast)"
+    )
+    g.add_argument("--activation_checkpointing", action="store_true", help="diffusers' gradient checkpointing")
     g = p.add_argument_group("step")
     g.add_argument(
         "--size",
@@ -586,8 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
 
     torch.set_num_threads(a.threads)
     logging.disable(logging.WARNING)
