@@ -24,7 +24,10 @@ COMPONENTS = ("action", "subject", "goal")
 TAGS = tuple(t for c in COMPONENTS for t in (f"<{c}>", f"</{c}>"))
 MAX_CHARS = 4096  # longer completions are not parsed (format reward 0): a planner's answer is a few lines
 
-_FIELD = r"([^<>]*[^<>\s][^<>]*)"
+# A field: leading whitespace, one visible character, the rest. Written so that a string matches it in one way only:
+# the equivalent `[^<>]*[^<>\s][^<>]*` splits a field in many ways, and a plan that fails at its end (a truncated
+# completion) backtracked through the product of every field's splits (3 triples and a cut-off 4th: minutes).
+_FIELD = r"(\s*[^<>\s][^<>]*)"
 _TRIPLE = rf"\s*<action>{_FIELD}</action>\s*<subject>{_FIELD}</subject>\s*<goal>{_FIELD}</goal>"
 _TRIPLE_RE = re.compile(_TRIPLE)
 _PLAN_RE = re.compile(rf"(?:{_TRIPLE})+\s*")
