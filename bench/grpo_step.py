@@ -64,7 +64,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from refiner_rl.data import TripletDataset, synthetic_records
 from refiner_rl.policies import KontextPolicy
-from refiner_rl.policies.kontext import DEFAULT_LORA_TARGETS
+from refiner_rl.policies.flux import DEFAULT_LORA_TARGETS
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 

@@ -53,6 +53,8 @@ TRAININGS = {
         "tests/test_refl_trainer.py::test_refl_improves_the_held_out_reward_and_masked_mse",
         "tests/test_refl_trainer.py::test_reversed_reward_moves_the_held_out_reward_the_other_way",
     ],
+    "fill_refl": ["tests/test_fill_refl.py"],
+    "planner_sft": ["tests/test_planner_sft.py"],
     "judge": [  # the judge and the ReFL runs that learn from it: one pytest process trains the judge once
         "tests/test_onereward_judge_training.py::test_judge_learns_the_preferences_well_above_chance_on_held_out_pairs",
         "tests/test_refl_judge.py::test_refl_from_the_trained_judge_moves_its_held_out_reward_both_ways",

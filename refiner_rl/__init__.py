@@ -18,6 +18,8 @@ _EXPORTS = {
     "FlowSFTConfig": "refiner_rl.trainers.sft_config",
     "FlowSFTTrainer": "refiner_rl.trainers.sft_trainer",
     "KontextPolicy": "refiner_rl.policies.kontext",
+    "FillPolicy": "refiner_rl.policies.fill",
+    "EditorPolicy": "refiner_rl.policies.base",
     "ModelArguments": "refiner_rl.configs",
     "DataArguments": "refiner_rl.configs",
     "build_policy": "refiner_rl.configs",

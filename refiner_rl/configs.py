@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refiner_rl.policies.kontext import DEFAULT_LORA_TARGETS, REFERENCE_POSITIONS
+from refiner_rl.policies.flux import DEFAULT_LORA_TARGETS
+from refiner_rl.policies.kontext import REFERENCE_POSITIONS
 
 
 def _as_dict(value, name: str) -> dict:
@@ -28,15 +29,18 @@ class ModelArguments:
     """How to build the policy.
 
     Loading:
-        model_name_or_path: ``tiny`` (random tiny editor, CPU), a diffusers repo id such as
-            ``black-forest-labs/FLUX.1-Kontext-dev``, or a local folder with the same layout.
+        model_name_or_path: ``tiny`` / ``tiny-kontext`` / ``tiny-fill`` (random tiny editors, CPU), a diffusers repo
+            id such as ``black-forest-labs/FLUX.1-Kontext-dev`` or ``black-forest-labs/FLUX.1-Fill-dev``, or a local
+            pipeline folder.
     LoRA (peft):
         use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules, init_lora_path.
     """
 
     model_name_or_path: str = field(
         default="tiny",
-        metadata={"help": "`tiny`, a diffusers repo id, or a local folder laid out like FLUX.1-Kontext-dev."},
+        metadata={
+            "help": "`tiny` / `tiny-fill` (tiny random editors), a diffusers repo id, or a local pipeline folder."
+        },
     )
     tiny_model: dict | str | None = field(
         default=None,
@@ -62,18 +66,16 @@ class ModelArguments:
     reference_id: int = field(
         default=2, metadata={"help": "RoPE id channel-0 value of the reference tokens (target 0, draft 1)."}
     )
-    reference_positions: str = field(
-        default="grid",
+    reference_positions: str | None = field(
+        default=None,
         metadata={
-            "help": "RoPE row/col ids of the reference tokens: grid (their own grid), none (all 0: found by content "
-            "only) or beside (the grid moved right of the draft's)."
+            "help": "RoPE row/col ids of the reference tokens: grid (own grid), none (all 0: content only) or beside "
+            "(right of the draft's); unset: the model's saved one, else grid."
         },
     )
-    guidance_scale: float = field(
-        default=2.5,
-        metadata={
-            "help": "Embedded guidance of guidance-distilled editors (FLUX.1-Kontext-dev: 2.5). Ignored by models without guidance embeddings."
-        },
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "Embedded guidance; unset: the editor's default (Kontext 2.5, Fill 30)."},
     )
     max_sequence_length: int = field(default=512, metadata={"help": "T5 prompt length."})
     attention_backend: str = field(
@@ -100,7 +102,7 @@ class ModelArguments:
             raise ValueError(f"`torch_dtype` must be auto, bfloat16, float16 or float32, got {self.torch_dtype!r}")
         if self.lora_r < 1:
             raise ValueError("`lora_r` must be >= 1")
-        if self.reference_positions not in REFERENCE_POSITIONS:
+        if self.reference_positions is not None and self.reference_positions not in REFERENCE_POSITIONS:
             raise ValueError(
                 f"`reference_positions` must be one of {', '.join(REFERENCE_POSITIONS)}, got {self.reference_positions!r}"
             )
@@ -182,13 +184,13 @@ class DataArguments:
         default=None,
         metadata={"help": "Cache folder of `datasets` (Arrow files, cached validation); None: HF_DATASETS_CACHE."},
     )
-    reference_alignment: str = field(
-        default="none",
+    reference_alignment: str | None = field(
+        default=None,
         metadata={
             "help": "none: the editor sees the reference as it is. register: each reference is registered to its "
             "draft (a scale and a translation found by matching the draft around the mask, the region compared "
             "after the draft's degradation) and warped into the draft's frame, so the region's detail lines up "
-            "with the mask for a reference that is panned or zoomed. Train and evaluate with the same setting."
+            "with the mask for a panned or zoomed reference; unset: the model's saved one, else none."
         },
     )
     registration_scale_range: list[float] = field(
@@ -245,6 +247,13 @@ class DataArguments:
         default="classic",
         metadata={"help": "Detail kinds: classic (stripes, checkers, blocks, glyphs); extended adds noise, strokes."},
     )
+    synthetic_tasks: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Make the synthetic set mask-guided task records for FLUX.1-Fill instead of triplets: "
+            "{task: weight} over fill, extend, removal (e.g. {fill: 0.5, extend: 0.25, removal: 0.25}). Unset: triplets."
+        },
+    )
 
     def __post_init__(self):
         from refiner_rl.data.images import check_alpha_background
@@ -257,9 +266,17 @@ class DataArguments:
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise ConfigError(f"`dataset_num_proc` must be >= 1 or unset, got {self.dataset_num_proc}")
         self.synthetic_curriculum = _curriculum(self.synthetic_curriculum)
+        try:
+            self.synthetic_tasks = _as_dict(self.synthetic_tasks, "synthetic_tasks") or None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.synthetic_tasks and self.synthetic_curriculum:
+            raise ConfigError(
+                "synthetic_tasks and synthetic_curriculum exclude each other (task records have no reference)"
+            )
         from refiner_rl.data.records import REFERENCE_ALIGNMENTS
 
-        if self.reference_alignment not in REFERENCE_ALIGNMENTS:
+        if self.reference_alignment is not None and self.reference_alignment not in REFERENCE_ALIGNMENTS:
             raise ConfigError(
                 f"`reference_alignment` must be one of {', '.join(REFERENCE_ALIGNMENTS)}, got {self.reference_alignment!r}"
             )
@@ -271,7 +288,7 @@ class DataArguments:
 
     def build(self, *, multiple: int, eval: bool = False):
         """The training (or held-out) :class:`TripletDataset`; ``None`` when no held-out set is asked for."""
-        from refiner_rl.data import TripletDataset, load_records, synthetic_records
+        from refiner_rl.data import TripletDataset, load_records, mask_task_records, synthetic_records
 
         source = self.eval_dataset if eval else self.dataset
         if source is None:
@@ -290,7 +307,11 @@ class DataArguments:
                 degrade=self.synthetic_degrade,
                 textures=self.synthetic_textures,
             )
-            if eval or not self.synthetic_curriculum:
+            if self.synthetic_tasks:
+                n = self.synthetic_eval_records if eval else self.synthetic_records
+                seed = self.synthetic_seed + (1 if eval else 0)
+                source = mask_task_records(n, seed=seed, tasks=self.synthetic_tasks, **options)
+            elif eval or not self.synthetic_curriculum:
                 n = self.synthetic_eval_records if eval else self.synthetic_records
                 seed = self.synthetic_seed + (1 if eval else 0)
                 source = synthetic_records(n, seed=seed, geometry=self.synthetic_geometry, **options)
@@ -310,10 +331,10 @@ class DataArguments:
             skip_invalid=self.skip_invalid_records,
             alpha_background=self.alpha_background,
             num_proc=self.dataset_num_proc,
-            reference_alignment=self.reference_alignment,
+            reference_alignment=self.reference_alignment or "none",  # unset: the default
             registration={"scale_range": tuple(self.registration_scale_range)},
         )
-        if self.reference_alignment == "register":
+        if ds.reference_alignment == "register":
             ds.register_references()
         if phases:
             ds.curriculum = phases  # (first record, end, fraction of the steps) per phase; the SFT sampler reads it
@@ -342,30 +363,34 @@ def _curriculum(value) -> dict[str, float] | None:
 
 
 def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu"):
-    """The policy described by ``model_args``, with its LoRA attached (or loaded) when asked."""
-    from refiner_rl.policies import KontextPolicy
+    """The editor described by ``model_args`` (its class picked by :func:`refiner_rl.policies.policy_class`), with
+    its LoRA attached (or loaded) when asked."""
+    from refiner_rl.policies import policy_class
     from refiner_rl.policies.attention import set_attention_backend
+    from refiner_rl.policies.base import TINY_EDITORS
 
     dtype = model_args.resolve_dtype(device)
-    if model_args.model_name_or_path == "tiny":
-        policy = KontextPolicy.tiny(dtype=dtype, reference_id=model_args.reference_id, **model_args.tiny_model)
+    name = model_args.model_name_or_path
+    cls = policy_class(name, model_args.revision)
+    options = {"reference_id": model_args.reference_id, "reference_positions": model_args.reference_positions or "grid"}
+    options = {k: v for k, v in options.items() if k in cls.option_names()}  # unset: the default
+    if name in TINY_EDITORS:
+        policy = cls.tiny(dtype=dtype, guidance_scale=model_args.guidance_scale, **options, **model_args.tiny_model)
         if model_args.transformer_path:
             policy.load_transformer(model_args.transformer_path)
         if dtype != torch.float32:
             policy.transformer.to(dtype)
     else:
-        policy = KontextPolicy.from_pretrained(
-            model_args.model_name_or_path,
+        policy = cls.from_pretrained(
+            name,
             dtype=dtype,
             revision=model_args.revision,
             trust_remote_code=model_args.trust_remote_code,
             transformer_path=model_args.transformer_path,
             max_sequence_length=model_args.max_sequence_length,
-            reference_id=model_args.reference_id,
             guidance_scale=model_args.guidance_scale,
+            **options,
         )
-    policy.guidance_scale = model_args.guidance_scale
-    policy.reference_positions = model_args.reference_positions
     if model_args.use_lora:
         policy.add_lora(model_args.lora_config())
         if model_args.init_lora_path:
@@ -379,20 +404,21 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
 
 
 def resolve_policy(model, args, peft_config=None):
-    """The trainers' ``model`` argument as a policy: a :class:`KontextPolicy` as given, or ``"tiny"`` / a diffusers
+    """The trainers' ``model`` argument as a policy: an :class:`EditorPolicy` as given, or a tiny name / a diffusers
     repo id / a local folder loaded (no LoRA, on ``args``' device); ``peft_config`` (a peft ``LoraConfig``) is
     then attached to its transformer."""
     from refiner_rl.errors import ConfigError
-    from refiner_rl.policies import KontextPolicy
+    from refiner_rl.policies import EditorPolicy
 
     if isinstance(model, str):
         device = "cpu" if getattr(args, "use_cpu", False) else args.device
         policy = build_policy(ModelArguments(model_name_or_path=model, use_lora=False), device)
-    elif isinstance(model, KontextPolicy):
+    elif isinstance(model, EditorPolicy):
         policy = model
     else:
         raise ConfigError(
-            f"`model` must be a KontextPolicy, 'tiny', a diffusers repo id or a local folder, got {type(model).__name__}"
+            "`model` must be an editor policy (refiner_rl.policies), a tiny name (tiny, tiny-kontext, "
+            f"tiny-fill), a diffusers repo id or a local folder, got {type(model).__name__}"
         )
     if peft_config is not None:
         if policy.has_lora:

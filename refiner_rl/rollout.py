@@ -1,6 +1,6 @@
 """Sampling trajectories from the policy: the rollout of GRPO and the sampler of evaluation.
 
-Every step calls :meth:`KontextPolicy.velocity`. Steps listed in ``sde_steps`` are stochastic: their
+Every step calls the editor's :meth:`~refiner_rl.policies.base.EditorPolicy.velocity`. Steps listed in ``sde_steps`` are stochastic: their
 start state, sampled next state and log-prob are stored so the trainer can recompute the log-prob with
 gradient. The other steps are ODE Euler steps. Rollout runs entirely under ``no_grad``.
 """
@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from refiner_rl.dynamics import ode_step, sde_step, sigma_schedule
+from refiner_rl.dynamics import ode_step, sde_step
 from refiner_rl.errors import NumericsError
 from refiner_rl.policies.attention import attention_backend
-from refiner_rl.policies.kontext import Conditions, KontextPolicy
+from refiner_rl.policies.base import EditorPolicy
+from refiner_rl.policies.flux import Conditions
 
 
 @dataclass
@@ -52,24 +53,18 @@ def randn(shape, generator: Generators, device) -> torch.Tensor:
 
 
 def initial_latents(
-    policy: KontextPolicy,
+    policy: EditorPolicy,
     cond: Conditions,
     generator: Generators,
     start_sigma: float = 1.0,
     draft_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure noise (``start_sigma = 1``), or the draft noised to ``start_sigma`` (SDEdit-style start)."""
-    b, n, c = cond.tokens.shape[0], cond.num_target_tokens, cond.tokens.shape[-1]
+    b, n, c = cond.batch_size, cond.num_target_tokens, policy.latent_channels
     noise = randn((b, n, c), generator, policy.device)
     if start_sigma >= 1.0 or draft_latents is None:
         return noise
     return (1.0 - start_sigma) * draft_latents.float() + start_sigma * noise
-
-
-def sampling_sigmas(num_steps: int, num_tokens: int, start_sigma: float = 1.0) -> torch.Tensor:
-    """The Kontext pipeline's schedule for ``num_tokens`` target tokens, scaled to start at ``start_sigma``:
-    always ``num_steps`` steps, from ``start_sigma`` down to 0 (so the SDE window means the same steps)."""
-    return sigma_schedule(num_steps, image_seq_len=num_tokens) * float(start_sigma)
 
 
 def coarse_tail(sigmas: torch.Tensor, end: int, tail_steps: int | None) -> torch.Tensor:
@@ -86,7 +81,7 @@ def coarse_tail(sigmas: torch.Tensor, end: int, tail_steps: int | None) -> torch
 
 @torch.no_grad()
 def rollout(
-    policy: KontextPolicy,
+    policy: EditorPolicy,
     cond: Conditions,
     sigmas: torch.Tensor,
     *,

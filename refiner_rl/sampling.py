@@ -5,7 +5,9 @@ The GRPO rollout (SDE window + ODE elsewhere), held-out evaluation and the demo 
 by :func:`batch_text` (precomputed columns, or the policy's encoders), which SFT uses too.
 
 A batch is what :func:`refiner_rl.data.collate_triplets` returns: ``prompt``, ``index``, ``draft``,
-``reference``, ``mask`` (and ``target``, ``prompt_embeds``, ``pooled_prompt_embeds`` when the data has them).
+``reference`` (absent for mask-guided task records), ``mask`` (and ``target``, ``task``, ``prompt_embeds``,
+``pooled_prompt_embeds`` when the data has them). The editor reads its own condition columns
+(:attr:`EditorPolicy.condition_fields`).
 Samples with the same ``index`` share a record; a batch without ``index`` holds one record per sample.
 """
 
@@ -17,8 +19,9 @@ from dataclasses import replace
 import torch
 
 from refiner_rl.focus import FocusSettings
-from refiner_rl.policies.kontext import Conditions, KontextPolicy, TextEmbeds
-from refiner_rl.rollout import Trajectory, coarse_tail, initial_latents, paste_back, rollout, sampling_sigmas
+from refiner_rl.policies.base import EditorPolicy
+from refiner_rl.policies.flux import Conditions, TextEmbeds
+from refiner_rl.rollout import Trajectory, coarse_tail, initial_latents, paste_back, rollout
 
 
 def groups(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,7 +33,7 @@ def groups(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def batch_text(
-    policy: KontextPolicy, batch: dict, rows: torch.Tensor | None = None, drop: torch.Tensor | None = None
+    policy: EditorPolicy, batch: dict, rows: torch.Tensor | None = None, drop: torch.Tensor | None = None
 ) -> TextEmbeds:
     """Text embeddings of ``batch`` (of its ``rows`` when given): the precomputed ``prompt_embeds`` /
     ``pooled_prompt_embeds`` columns when present, else the policy's encoders on ``prompt``.
@@ -50,19 +53,15 @@ def batch_text(
 
 @torch.no_grad()
 def batch_conditions(
-    policy: KontextPolicy, batch: dict, negative_prompt: str | None = None
+    policy: EditorPolicy, batch: dict, negative_prompt: str | None = None
 ) -> tuple[Conditions, torch.Tensor]:
     """Per-sample conditions of ``batch``, each distinct record (``index``) encoded once, and the group of each
     sample. ``negative_prompt`` (for true CFG) adds negative embeddings."""
     _, first, inverse = groups(_index(batch))
     dev = policy.device
     negative = [negative_prompt] * len(first) if negative_prompt is not None else None
-    cond = policy.encode_conditions(
-        batch["draft"][first].to(dev),
-        batch["reference"][first].to(dev),
-        text=batch_text(policy, batch, first),
-        negative_prompts=negative,
-    )
+    rows = {k: batch[k][first] for k in policy.condition_fields if k in batch}
+    cond = policy.encode_batch(rows, batch_text(policy, batch, first), negative)
     return cond.select(inverse.to(dev)), inverse
 
 
@@ -71,7 +70,7 @@ Generators = torch.Generator | Sequence[torch.Generator]
 
 @torch.no_grad()
 def sample_trajectories(
-    policy: KontextPolicy,
+    policy: EditorPolicy,
     batch: dict,
     cond: Conditions,
     *,
@@ -101,7 +100,7 @@ def sample_trajectories(
     - With SDE steps, the steps after the window may run on a coarser schedule (``tail_steps``, see
       :func:`refiner_rl.rollout.coarse_tail`); without them the full schedule runs.
     - ``paste`` keeps the draft outside the mask (``M * x + (1 - M) * draft``)."""
-    sigmas = sampling_sigmas(num_steps, cond.num_target_tokens, start_sigma)
+    sigmas = policy.sigmas(num_steps, cond.num_target_tokens, start_sigma)
     draft_latents = policy.encode_images(batch["draft"].to(policy.device)) if start_sigma < 1 else None
     init = generator if init_generator is None else init_generator
     x = initial_latents(policy, cond, init, float(sigmas[0]), draft_latents)
@@ -145,7 +144,7 @@ def sample_trajectories(
 
 @torch.no_grad()
 def sample_images(
-    policy: KontextPolicy,
+    policy: EditorPolicy,
     batch: dict,
     *,
     num_steps: int = 10,
@@ -169,7 +168,7 @@ def sample_images(
     if generators is None:
         generators = torch.Generator().manual_seed(int(seed or 0))
     if focus is not None:
-        crop = focus.crop(batch, policy.codec.downsample * 2)
+        crop = focus.crop(batch, policy.size_multiple)
         kwargs = dict(start_sigma=start_sigma, paste=paste, true_cfg_scale=true_cfg_scale, micro_batch=micro_batch)
         out = sample_images(
             policy,

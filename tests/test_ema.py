@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from refiner_rl.trainers.ema import EMA, EMA_FILE, LEGACY_EMA_FILE, ema_state_path, load_ema_state, save_ema_state
+from refiner_rl.trainers.ema import EMA, EMA_FILE, ema_state_path, load_ema_state, save_ema_state
 
 
 def _module(value: float) -> nn.Module:
@@ -28,7 +28,7 @@ def test_update_follows_the_rule():
     assert torch.equal(m.weight, torch.full((1, 2), 3.0))
 
 
-def test_state_file_round_trip_and_legacy_file(tmp_path):
+def test_state_file_round_trip(tmp_path):
     ema = EMA(_module(0.5), decay=0.99)
     assert ema_state_path(str(tmp_path)) is None
     save_ema_state(ema, str(tmp_path))
@@ -37,10 +37,5 @@ def test_state_file_round_trip_and_legacy_file(tmp_path):
     load_ema_state(other, ema_state_path(str(tmp_path)))
     assert torch.equal(other.shadow["weight"], ema.shadow["weight"])
 
-    legacy = tmp_path / "old"
-    legacy.mkdir()
-    torch.save({"weight": torch.full((1, 2), 7.0)}, legacy / LEGACY_EMA_FILE)
-    load_ema_state(other, ema_state_path(str(legacy)))
-    assert torch.equal(other.shadow["weight"], torch.full((1, 2), 7.0))
     with pytest.raises(ValueError, match="lacks 1 parameters"):
         other.load_state_dict({})

@@ -112,7 +112,7 @@ def test_short_help_lists_exactly_the_real_options():
     check_short_help("refl")
 
 
-@pytest.mark.parametrize("recipe", ["refl.yaml", "refl_tiny.yaml"])
+@pytest.mark.parametrize("recipe", ["refl.yaml", "refl_tiny.yaml", "refl_fill.yaml", "refl_fill_tiny.yaml"])
 def test_recipes_parse_and_open_with_their_command(recipe):
     from refiner_rl.cli.train import _stage_types, parse_recipe
 

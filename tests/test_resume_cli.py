@@ -74,6 +74,7 @@ def test_sft_writes_wandb_and_samples_under_output_dir(sft_run):
     assert sorted(os.listdir(out)) == [
         "checkpoint-1",
         "checkpoint-2",
+        "refiner_rl_model.json",
         "samples",
         "trainer_state.json",
         "training_args.bin",

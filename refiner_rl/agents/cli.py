@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--editor",
         required=True,
-        help="`tiny`, a FluxKontextPipeline folder, or a refiner-rl checkpoint folder (transformer/ or LoRA)",
+        help="`tiny`, a diffusers pipeline folder (FluxKontextPipeline), or a refiner-rl checkpoint folder (transformer/ or LoRA)",
     )
     p.add_argument(
         "--editor_base",
@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no_sequencer", action="store_true", help="Skip the sequencing agent (decomposition order, templated steps)"
     )
+    p.add_argument(
+        "--reference_alignment",
+        default=None,
+        choices=["none", "register"],
+        help="Register the reference to the image before the editor sees it (default: as the editor was trained, "
+        "from its refiner_rl_model.json, else none)",
+    )
+    p.add_argument(
+        "--reference_positions",
+        default=None,
+        choices=["grid", "none", "beside"],
+        help="RoPE positions of the reference tokens (default: as the editor was trained, else grid)",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--torch_dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     return p
@@ -86,9 +99,14 @@ def edit_main(argv: list[str]) -> int:
     if args.image and not os.path.isfile(args.image):
         raise ConfigError(f"edit: --image {args.image!r} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    editor = load_editor(
-        args.editor, base=args.editor_base, device=device, torch_dtype=args.torch_dtype
-    )  # fails before planning
+    editor = load_editor(  # fails before planning
+        args.editor,
+        base=args.editor_base,
+        device=device,
+        torch_dtype=args.torch_dtype,
+        reference_alignment=args.reference_alignment,
+        reference_positions=args.reference_positions,
+    )
     planner = None
     if args.planner:
         vlm = load_planner_vlm(args.planner, device=device, dtype="float32" if device == "cpu" else args.torch_dtype)

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
         sft_argv += ["--max_steps", str(args.sft_steps)]
     model_args, data_args, sft_cfg = parse_recipe((ModelArguments, DataArguments, FlowSFTConfig), sft_argv)
     policy = build_policy(model_args, "cpu")
-    multiple = policy.codec.downsample * 2
+    multiple = policy.size_multiple
     train = data_args.build(multiple=multiple)
     held_out = {
         g: dataclasses.replace(data_args, synthetic_geometry=g).build(multiple=multiple, eval=True) for g in GEOMETRIES

@@ -8,7 +8,9 @@ triplets with metric plug-ins, sampled alike.
 Writes ``results.md`` (candidates x metrics, mean ± 95% CI), ``results.json`` (per-record values), ``samples.png``
 (draft | reference | candidates | target) to ``output_dir`` and, with ``report_to: wandb``, a W&B run; prints the
 table. The recipe holds the base model (ModelArguments), the data (DataArguments: ``eval_dataset`` if set, else
-``dataset``; ``synthetic`` means its held-out split) and the keys below.
+``dataset``; ``synthetic`` means its held-out split) and the keys below. A checkpoint that holds
+``refiner_rl_model.json`` (the trainers write it) is served with the ``reference_alignment`` and
+``reference_positions`` it was trained with; setting either to another value is an error.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def main(argv: list[str]) -> int:
         run_name=args.run_name,
         progress=not args.disable_tqdm,
         max_records=args.max_records,
+        reference_alignment=data_args.reference_alignment,  # None: each checkpoint's saved one (else none)
     )
     if result.table:
         print("\n" + result.table + "\n")

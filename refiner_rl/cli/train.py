@@ -140,10 +140,12 @@ def train_main(stage: str, argv: list[str]) -> int:
     model_args, data_args, config = parse_recipe(_stage_types(stage), argv, prog)
     # A missing or broken checkpoint fails now, before minutes of model loading and data checks.
     checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    if checkpoint is not None:  # unset settings take the checkpoint's (refiner_rl_model.json); others must agree
+        _apply_saved_settings(checkpoint, model_args, data_args)
     set_seed(config.seed)  # the LoRA's A matrices are random: every process (and every rerun) must draw the same
     with frozen_model_context():  # under ZeRO-3, the codec and text encoders must not be partitioned
         policy = build_policy(model_args, _device(config))
-    multiple = policy.codec.downsample * 2
+    multiple = policy.size_multiple
     train = data_args.build(multiple=multiple)
     eval_ds = data_args.build(multiple=multiple, eval=True)
     logger.info(
@@ -162,6 +164,17 @@ def train_main(stage: str, argv: list[str]) -> int:
     if trainer.is_world_process_zero():
         logger.info("saved to %s", os.path.abspath(config.output_dir))
     return 0
+
+
+def _apply_saved_settings(checkpoint: str, model_args, data_args) -> None:
+    from refiner_rl import model_settings
+
+    values = model_settings.merge(
+        model_settings.load(checkpoint),
+        {"reference_alignment": data_args.reference_alignment, "reference_positions": model_args.reference_positions},
+    )
+    data_args.reference_alignment = values["reference_alignment"]
+    model_args.reference_positions = values["reference_positions"]
 
 
 def _stage_types(stage: str) -> tuple:

@@ -8,9 +8,10 @@ workers decode ahead of the training step.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,9 @@ from refiner_rl.data.images import check_alpha_background, header_size, load_ima
 from refiner_rl.data.registration import register_reference, warp_reference
 from refiner_rl.data.sources import load_records, parse_jsonl_row
 from refiner_rl.data.validation import (
+    DEFAULT_EXTEND_MARGIN,
     OPTIONAL_FIELDS,
+    REMOVAL_PROMPT,
     RecordError,
     Validated,
     ValidationReport,
@@ -41,7 +44,7 @@ __all__ = [
     "nearest_bucket",
     "validate_records",
 ]
-ITEM_FIELDS = ("prompt", "index", "draft", "reference", "mask")  # every item has these
+ITEM_FIELDS = ("prompt", "index", "draft", "mask")  # every item has these (and a triplet's its reference)
 REFERENCE_ALIGNMENTS = ("none", "register")
 
 
@@ -58,21 +61,6 @@ def nearest_bucket(height: int, width: int, buckets: list[int]) -> int:
     """The bucket (a side length) closest to the image's own size, ``sqrt(H W)``."""
     side = (height * width) ** 0.5
     return min(buckets, key=lambda b: abs(b - side))
-
-
-class _RecordView(Sequence):
-    """Read-only, lazy access to the kept records as dicts (image fields undecoded)."""
-
-    def __init__(self, dataset: TripletDataset):
-        self._ds = dataset
-
-    def __len__(self) -> int:
-        return len(self._ds)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self._ds.record(i)
 
 
 class TripletDataset(Dataset):
@@ -122,6 +110,15 @@ class TripletDataset(Dataset):
             v = Validated(np.arange(n), np.full((n, 4), -1), np.full(n, -1), ValidationReport(n))
         self._rows, self._sizes, self._has, self.report = v.rows, v.sizes, v.has, v.report
         self.resolution, self.buckets, self.multiple = resolution, sorted(buckets) if buckets else None, multiple
+        if validate and len(self):
+            tasks = (self._has >> OPTIONAL_FIELDS.index("task")) & 1
+            if tasks.min() != tasks.max():
+                raise DataError(
+                    f"{source.name} mixes triplet records (draft, reference, target) with mask-guided task records "
+                    "(task, image, mask): train an editor on one kind at a time"
+                )
+        if reference_alignment == "register" and len(self) and self.has_field("task"):
+            raise ConfigError("reference_alignment: register needs references; mask-guided task records have none")
 
     @classmethod
     def from_source(
@@ -133,11 +130,6 @@ class TripletDataset(Dataset):
     @property
     def base_dir(self) -> str | None:
         return self.source.base_dir
-
-    @property
-    def records(self) -> Sequence[dict]:
-        """The kept records as dicts, read lazily (image fields undecoded)."""
-        return _RecordView(self)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -179,6 +171,8 @@ class TripletDataset(Dataset):
 
     def _decode(self, index: int) -> dict:
         r = self.record(index)
+        if r.get("task") not in (None, ""):
+            return self._decode_task(r, index)
         draft = self._image(r, index, "draft")
         h, w = self._size(*draft.size)
         ref = self._image(r, index, "reference")
@@ -196,6 +190,30 @@ class TripletDataset(Dataset):
             item["mask"] = (m >= 0.5).float()
         else:
             item["mask"] = torch.ones(1, h, w)
+        for key in ("prompt_embeds", "pooled_prompt_embeds"):
+            if r.get(key) is not None:
+                item[key] = torch.as_tensor(r[key], dtype=torch.float32)
+        return item
+
+    def _decode_task(self, r: dict, index: int) -> dict:
+        """A mask-guided task record as an item: ``draft`` is the image to edit; an ``extend`` record's mask is the
+        border band of width ``margin`` (a fraction of each side) unless it gives its own; removal's prompt is
+        fixed."""
+        image = self._image(r, index, "image")
+        h, w = self._size(*image.size)
+        task = r["task"]
+        if task == "removal":
+            prompt = REMOVAL_PROMPT
+        else:
+            prompt = r.get("prompt") or ""
+        item = {"prompt": prompt, "index": index, "task": task, "draft": to_tensor(image.resize((w, h), Image.BICUBIC))}
+        if r.get("mask") not in (None, ""):
+            m = to_tensor(self._image(r, index, "mask", mask=True).resize((w, h), Image.NEAREST))
+            item["mask"] = (m >= 0.5).float()
+        else:
+            item["mask"] = extend_mask(h, w, r.get("margin") or DEFAULT_EXTEND_MARGIN)
+        if r.get("target") not in (None, ""):
+            item["target"] = to_tensor(self._image(r, index, "target").resize((w, h), Image.BICUBIC))
         for key in ("prompt_embeds", "pooled_prompt_embeds"):
             if r.get(key) is not None:
                 item[key] = torch.as_tensor(r[key], dtype=torch.float32)
@@ -235,6 +253,20 @@ class TripletDataset(Dataset):
         difference."""
         return dict(self._transforms)
 
+    def with_reference_alignment(self, alignment: str, registration: dict | None = None) -> TripletDataset:
+        """This dataset serving references with ``alignment`` (``none`` or ``register``): itself when it already
+        does, else a shallow copy over the same records (registered at once, without a progress bar)."""
+        if alignment not in REFERENCE_ALIGNMENTS:
+            raise ConfigError(f"reference_alignment {alignment!r} is not one of {', '.join(REFERENCE_ALIGNMENTS)}")
+        if alignment == self.reference_alignment and (not registration or dict(registration) == self.registration):
+            return self
+        out = copy.copy(self)
+        out.reference_alignment, out._transforms = alignment, {}
+        out.registration = dict(registration or self.registration)
+        if alignment == "register":
+            out.register_references(progress=False)
+        return out
+
     def bucket_of(self, index: int) -> tuple[int, int, int, int]:
         """(H, W, Hr, Wr) after resizing, the key of a size bucket: from the sizes the validation pass stored, or
         (without validation) from the image headers."""
@@ -242,8 +274,9 @@ class TripletDataset(Dataset):
         if h < 0:
             r = self.record(index)
             name = record_name(r, index)
-            w, h = header_size(r["draft"], base_dir=self.base_dir, where=f"{name}, field 'draft'")
-            rw, rh = header_size(r["reference"], base_dir=self.base_dir, where=f"{name}, field 'reference'")
+            keys = ("image", "image") if r.get("task") not in (None, "") else ("draft", "reference")
+            w, h = header_size(r[keys[0]], base_dir=self.base_dir, where=f"{name}, field {keys[0]!r}")
+            rw, rh = header_size(r[keys[1]], base_dir=self.base_dir, where=f"{name}, field {keys[1]!r}")
         if self.reference_alignment == "register":  # the reference is warped into the draft's frame
             return (*self._size(w, h),) * 2
         return (*self._size(w, h), *self._size(rw, rh))
@@ -263,6 +296,24 @@ class _Registrations(Dataset):
         return i, self.dataset._register(self.dataset._decode(i))
 
 
+def extend_mask(height: int, width: int, margin: float) -> torch.Tensor:
+    """``[1, H, W]`` mask of an ``extend`` (outpainting) record: 1 on the border band ``round(margin * side)`` wide
+    on every side, 0 inside (the kept image)."""
+    mh, mw = max(1, round(margin * height)), max(1, round(margin * width))
+    mask = torch.ones(1, height, width)
+    mask[:, mh : height - mh, mw : width - mw] = 0.0
+    return mask
+
+
+def condition_image(columns: dict, i: int | None = None) -> torch.Tensor:
+    """What an item (or row ``i`` of a batch) is conditioned on besides its draft, as ``[3, H, W]`` for grids and
+    tables: the reference, or the mask in grey for records without one (mask-guided tasks)."""
+    pick = (lambda k: columns[k]) if i is None else (lambda k: columns[k][i])
+    if columns.get("reference") is not None:
+        return pick("reference")
+    return pick("mask").float().expand(3, -1, -1)
+
+
 def collate_triplets(items: Iterable[dict]) -> dict:
     """Stack items of one size bucket into a batch; a clear error when sizes differ."""
     items = list(items)
@@ -270,6 +321,8 @@ def collate_triplets(items: Iterable[dict]) -> dict:
         "prompt": [it["prompt"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
     }
+    if "task" in items[0]:
+        out["task"] = [it.get("task") for it in items]
     for key in ("draft", "reference", "target", "mask", "prompt_embeds", "pooled_prompt_embeds"):
         if key not in items[0]:
             continue

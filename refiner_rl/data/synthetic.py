@@ -342,3 +342,61 @@ def write_synthetic_dataset(folder: str, n: int, seed: int = 0, size: int = 32, 
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+# Instructions of the synthetic mask-guided tasks (removal's is the fixed REMOVAL_PROMPT of the records)
+FILL_PROMPT = "Fill the marked region with the fine detail that belongs there."
+EXTEND_PROMPT = "Extend the image past its borders."
+MASK_TASK_MIX = {"fill": 0.5, "extend": 0.25, "removal": 0.25}  # OneReward's mix
+
+
+def mask_task_records(
+    n: int, seed: int = 0, size: int = 32, region: float = 0.5, tasks: Mapping[str, float] | None = None, **options
+) -> list[dict]:
+    """``n`` mask-guided task records (FLUX.1-Fill's data: ``{task, image, mask?, prompt, target, margin?}``) drawn from
+    the synthetic scenes, the tasks in the proportions of ``tasks`` (default :data:`MASK_TASK_MIX`), each task's
+    records spread through the list:
+
+    - ``fill``: the target with its detail region greyed out, the region's mask and :data:`FILL_PROMPT`;
+    - ``extend``: the target with a border band a quarter of each side wide greyed out (``margin: 0.25``; the records
+      carry no mask, it is built from the margin) and :data:`EXTEND_PROMPT`;
+    - ``removal``: the target with a solid disc of one random colour drawn over the detail region, whose mask is the
+      region; removing it restores the target.
+
+    ``options`` are :func:`make_triplet`'s. The same seed and options give the same records."""
+    from refiner_rl.data.validation import MASK_TASKS
+
+    mix = dict(MASK_TASK_MIX if tasks is None else tasks)
+    unknown = [t for t in mix if t not in MASK_TASKS]
+    if unknown or not mix or any(not p > 0 for p in mix.values()):
+        raise ConfigError(f"synthetic tasks {mix}: give tasks of {', '.join(MASK_TASKS)} with weights > 0")
+    total = sum(mix.values())
+    counts = {t: int(n * p / total) for t, p in mix.items()}
+    for t in sorted(mix, key=lambda t: n * mix[t] / total - counts[t], reverse=True)[: n - sum(counts.values())]:
+        counts[t] += 1
+    rng = np.random.default_rng(seed)
+    order = rng.permutation([t for t in mix for _ in range(counts[t])]).tolist()
+    out = []
+    for i, task in enumerate(order):
+        rec = make_triplet(rng, size, region, **options)
+        target = np.asarray(rec["target"]).astype(np.float64)
+        mask = np.asarray(rec["mask"]) >= 128
+        row = {"id": f"task-{seed}-{i}", "task": task, "target": rec["target"]}
+        image = target.copy()
+        if task == "fill":
+            image[mask] = 128.0
+            row.update(mask=rec["mask"], prompt=FILL_PROMPT)
+        elif task == "extend":
+            band = max(1, round(0.25 * size))
+            image[:band], image[-band:], image[:, :band], image[:, -band:] = 128.0, 128.0, 128.0, 128.0
+            row.update(margin=0.25, prompt=EXTEND_PROMPT)
+        else:
+            ys, xs = np.nonzero(mask)
+            cy, cx, r = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2, (ys.max() - ys.min() + 1) / 2
+            yy, xx = np.mgrid[:size, :size]
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= (r * 0.9) ** 2
+            image[disc] = rng.integers(0, 256, 3)
+            row.update(mask=rec["mask"])
+        row["image"] = Image.fromarray(image.astype(np.uint8))
+        out.append(row)
+    return out

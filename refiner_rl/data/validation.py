@@ -32,10 +32,14 @@ from refiner_rl.errors import DataError
 logger = logging.getLogger(__name__)
 
 # Bump when validation rules change, so cached results of older rules are not reused.
-VALIDATION_FORMAT = 1
+VALIDATION_FORMAT = 2
 IMAGE_FIELDS = ("draft", "reference", "target", "mask")
 REQUIRED_FIELDS = ("prompt", "draft", "reference", "target")
-OPTIONAL_FIELDS = ("target", "mask", "prompt_embeds", "pooled_prompt_embeds")
+OPTIONAL_FIELDS = ("target", "mask", "prompt_embeds", "pooled_prompt_embeds", "reference", "task")
+# Mask-guided task records (FLUX.1-Fill, OneReward): {image, mask, prompt?, task, target?, margin?}
+MASK_TASKS = ("fill", "extend", "removal")
+REMOVAL_PROMPT = "remove"  # the fixed instruction of object removal
+DEFAULT_EXTEND_MARGIN = 0.25  # the band an `extend` record repaints, as a fraction of each side
 SHOWN_SKIPS = 10  # skipped records named in the warning; the rest are counted
 _FEATURES = datasets.Features(
     {
@@ -59,8 +63,11 @@ def record_name(record: dict, index: int) -> str:
 
 
 def check_record(record: dict, index: int, base_dir: str | None, alpha_background: str = "white") -> tuple:
-    """``(h, w, rh, rw)`` of the draft and reference; a :class:`RecordError` if the record cannot be trained on."""
+    """``(h, w, rh, rw)`` of the draft and reference (of the image twice for a mask-guided task record); a
+    :class:`RecordError` if the record cannot be trained on."""
     name = record_name(record, index)
+    if not _empty(record.get("task")):
+        return _check_task_record(record, name, base_dir, alpha_background)
     for key in REQUIRED_FIELDS:
         if _empty(record.get(key)):
             raise RecordError(f"{name}: missing field {key!r}")
@@ -68,25 +75,8 @@ def check_record(record: dict, index: int, base_dir: str | None, alpha_backgroun
         raise RecordError(f"{name}, field 'prompt': expected text, got {type(record['prompt']).__name__}")
     sizes = {}
     for key in IMAGE_FIELDS:
-        if _empty(record.get(key)):
-            continue
-        try:
-            img = load_image(
-                record[key],
-                base_dir=base_dir,
-                where=f"{name}, field {key!r}",
-                mask=key == "mask",
-                alpha_background=alpha_background,
-            )
-        except RecordError:
-            raise
-        except DataError as e:
-            raise RecordError(str(e)) from e
-        sizes[key] = img.size
-        if key == "mask" and img.getextrema()[1] < 128:
-            raise RecordError(
-                f"{name}, field 'mask': the mask is empty (no pixel >= 128); drop the record or give a region"
-            )
+        if not _empty(record.get(key)):
+            sizes[key] = _image_size(record, key, name, base_dir, alpha_background)
     base = sizes["target"]
     for key in ("draft", "mask"):
         if key in sizes and sizes[key] != base:
@@ -96,6 +86,58 @@ def check_record(record: dict, index: int, base_dir: str | None, alpha_backgroun
             )
     (w, h), (rw, rh) = sizes["draft"], sizes["reference"]
     return h, w, rh, rw
+
+
+def _image_size(record: dict, key: str, name: str, base_dir: str | None, alpha_background: str) -> tuple[int, int]:
+    """``(w, h)`` of the record's image field ``key``, decoded to check it; a RecordError naming the record and field
+    (an empty mask too)."""
+    try:
+        img = load_image(
+            record[key],
+            base_dir=base_dir,
+            where=f"{name}, field {key!r}",
+            mask=key == "mask",
+            alpha_background=alpha_background,
+        )
+    except RecordError:
+        raise
+    except DataError as e:
+        raise RecordError(str(e)) from e
+    if key == "mask" and img.getextrema()[1] < 128:
+        raise RecordError(
+            f"{name}, field 'mask': the mask is empty (no pixel >= 128); drop the record or give a region"
+        )
+    return img.size
+
+
+def _check_task_record(record: dict, name: str, base_dir: str | None, alpha_background: str) -> tuple:
+    """A mask-guided task record: ``image`` always; ``mask`` for fill and removal (extend builds it from ``margin``);
+    a text ``prompt`` for fill; ``target`` optional (SFT and pixel metrics need it); sizes equal."""
+    task = record["task"]
+    if task not in MASK_TASKS:
+        raise RecordError(f"{name}, field 'task': {task!r} is not one of {', '.join(MASK_TASKS)}")
+    needed = ["image"] + (["mask"] if task != "extend" else []) + (["prompt"] if task == "fill" else [])
+    for key in needed:
+        if _empty(record.get(key)):
+            raise RecordError(f"{name}: a {task!r} record needs field {key!r}")
+    prompt = record.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise RecordError(f"{name}, field 'prompt': expected text, got {type(prompt).__name__}")
+    margin = record.get("margin", DEFAULT_EXTEND_MARGIN)
+    if task == "extend" and (not isinstance(margin, (int, float)) or not 0 < margin < 0.5):
+        raise RecordError(f"{name}, field 'margin': the extend band must be a fraction in (0, 0.5), got {margin!r}")
+    sizes = {}
+    for key in ("image", "mask", "target"):
+        if _empty(record.get(key)):
+            continue
+        sizes[key] = _image_size(record, key, name, base_dir, alpha_background)
+        if sizes[key] != sizes["image"]:
+            raise RecordError(
+                f"{name}: size mismatch: {key!r} is {sizes[key][0]}x{sizes[key][1]} but 'image' is "
+                f"{sizes['image'][0]}x{sizes['image'][1]} (image, mask and target must have the same size)"
+            )
+    w, h = sizes["image"]
+    return h, w, h, w
 
 
 def _validate_row(row: dict, index: int, *, base_dir, name, jsonl, alpha_background) -> dict:

@@ -9,6 +9,9 @@ A candidate is a recipe entry ``{name: ..., checkpoint: ...}`` (or just a name):
   fine-tune (``transformer/`` inside it, or the ``transformer`` folder itself), or a GRPO output's EMA weights
   (``ema: true`` reads ``<checkpoint>/ema``, which holds either of the two).
 
+A checkpoint folder holding ``refiner_rl_model.json`` (see :mod:`refiner_rl.model_settings`) is served with the
+``reference_alignment`` and ``reference_positions`` saved there unless the recipe sets them (:func:`candidate_settings`).
+
 Loading errors (missing folder, neither format, a checkpoint of another shape) raise
 :class:`~refiner_rl.errors.CheckpointError` naming the candidate.
 """
@@ -17,10 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 from refiner_rl.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SPECIAL = ("draft", "base")
@@ -87,9 +93,9 @@ def resolve_weights(c: Candidate) -> tuple[str, str | None]:
 
 def lora_settings(path: str) -> dict:
     """``lora_r``, ``lora_alpha``, ``lora_target_modules`` of a saved adapter (from its safetensors metadata)."""
-    from diffusers import FluxKontextPipeline
+    from diffusers.loaders import FluxLoraLoaderMixin  # the LoRA format of every FLUX.1 pipeline
 
-    _, meta = FluxKontextPipeline.lora_state_dict(path, return_lora_metadata=True)
+    _, meta = FluxLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
     meta = {k.removeprefix("transformer."): v for k, v in (meta or {}).items()}
     if "r" not in meta or "target_modules" not in meta:
         raise CheckpointError(f"LoRA {path!r} carries no adapter metadata (rank, targets): re-save it with the trainer")
@@ -105,6 +111,35 @@ def check_candidate(c: Candidate) -> tuple[str, str | None]:
     if c.transformer_path and not os.path.isdir(c.transformer_path):
         raise CheckpointError(f"candidate {c.name!r}: transformer_path {c.transformer_path!r} does not exist")
     return resolve_weights(c)
+
+
+def candidate_settings(c: Candidate, model_args, reference_alignment: str | None = None) -> dict:
+    """How the candidate is served: ``reference_alignment``, ``reference_positions`` and ``registration`` (a
+    TripletDataset's registration options, or None), from the explicit settings (``reference_alignment``, the
+    data's; ``model_args.reference_positions``; None = unset) and the ``refiner_rl_model.json`` saved with its
+    checkpoint. None where neither says (the dataset's and the model's defaults apply); ConfigError naming the
+    candidate when an explicit setting disagrees with the saved one."""
+    from refiner_rl import model_settings
+
+    saved = None if c.checkpoint in SPECIAL else model_settings.load(c.checkpoint)
+    explicit = {"reference_alignment": reference_alignment, "reference_positions": model_args.reference_positions}
+    try:
+        values = model_settings.merge(saved, explicit, defaults={})
+        model_settings.check_kind(saved, model_args.model_name_or_path, "the checkpoint", model_args.revision)
+    except ConfigError as err:
+        raise ConfigError(f"candidate {c.name!r}: {err}") from err
+    values["registration"] = None
+    if saved is not None and reference_alignment is None and saved.registration_scale_range:
+        values["registration"] = {"scale_range": tuple(saved.registration_scale_range)}
+    if saved is not None and saved.reference_id != model_args.reference_id:
+        logger.warning(
+            "candidate %r was trained with reference_id %s (%s); evaluating it with reference_id %s",
+            c.name,
+            saved.reference_id,
+            saved.path,
+            model_args.reference_id,
+        )
+    return values
 
 
 def load_candidate(c: Candidate, model_args, device):

@@ -102,11 +102,13 @@ def _no_nan(obj):
 
 
 def grid_rows(dataset, images: dict[str, dict[int, torch.Tensor]], indices: list[int]) -> list[list[torch.Tensor]]:
-    """Rows draft | reference | each candidate | target (when the data has targets) for ``indices``."""
+    """Rows draft | reference (or mask) | each candidate | target (when the data has targets) for ``indices``."""
+    from refiner_rl.data.records import condition_image
+
     rows = []
     for i in indices:
         item = dataset[i]
-        row = [item["draft"], item["reference"], *[images[c][i] for c in images if i in images[c]]]
+        row = [item["draft"], condition_image(item), *[images[c][i] for c in images if i in images[c]]]
         if item.get("target") is not None:
             row.append(item["target"])
         rows.append(row)

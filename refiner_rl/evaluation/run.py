@@ -10,6 +10,7 @@ grid) and, with ``report_to: wandb``, a W&B run.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refiner_rl.evaluation.candidates import Candidate, check_candidate, load_candidate
+from refiner_rl.errors import ConfigError
+from refiner_rl.evaluation.candidates import Candidate, candidate_settings, check_candidate, load_candidate
 from refiner_rl.evaluation.loop import SamplerSettings, run_policy
 from refiner_rl.evaluation.report import grid_rows, log_wandb, markdown_table, summaries, write_json
 from refiner_rl.metrics.base import Metric
@@ -45,6 +47,33 @@ def _process_state():
     return PartialState()
 
 
+def _load(cand: Candidate, model_args, serving: dict, device):
+    """The candidate's policy with its ``reference_positions`` (saved or explicit; unset: the recipe's)."""
+    positions = serving[cand.name]["reference_positions"]
+    if positions is not None and positions != model_args.reference_positions:
+        model_args = dataclasses.replace(model_args, reference_positions=positions)
+    return load_candidate(cand, model_args, device)
+
+
+def _view(dataset, values: dict, views: dict):
+    """``dataset`` serving references as ``values`` says (cached in ``views`` by alignment and registration)."""
+    alignment, registration = values["reference_alignment"], values["registration"]
+    if alignment is None:
+        return dataset
+    key = (alignment, tuple(sorted((registration or {}).items())))
+    if key not in views:
+        if hasattr(dataset, "with_reference_alignment"):
+            views[key] = dataset.with_reference_alignment(alignment, registration)
+        elif getattr(dataset, "reference_alignment", alignment) != alignment:
+            raise ConfigError(
+                f"the evaluation dataset ({type(dataset).__name__}) cannot serve reference_alignment {alignment!r}: "
+                "pass a TripletDataset"
+            )
+        else:
+            views[key] = dataset
+    return views[key]
+
+
 def evaluate_candidates(
     candidates: Sequence[Candidate],
     dataset,
@@ -60,23 +89,35 @@ def evaluate_candidates(
     run_name: str | None = None,
     progress: bool = True,
     max_records: int | None = None,
+    reference_alignment: str | None = None,
 ) -> EvalResult:
     """Sample and score every candidate on ``dataset``; on the main process write the outputs (when
     ``output_dir`` is given) and return the table, the summaries and the per-record rows.
 
-    ``dataset`` may be a function of the size multiple the editor needs (``codec.downsample * 2``): it is then built
-    once the first candidate's policy is loaded."""
+    ``dataset`` may be a function of the size multiple the editor needs (``size_multiple``): it is then built
+    once the first candidate's policy is loaded.
+
+    A checkpoint holding ``refiner_rl_model.json`` is served with its saved ``reference_alignment`` (the records'
+    references registered to their drafts, or not) and ``reference_positions`` unless ``reference_alignment`` (the
+    data's explicit setting; None = unset) or ``model_args.reference_positions`` set them; a disagreeing explicit
+    setting is a ConfigError naming the candidate and the file."""
     from tqdm.auto import tqdm
 
     sampler = sampler or SamplerSettings()
+    serving = {}
     for cand in candidates:
         check_candidate(cand)
+        serving[cand.name] = candidate_settings(cand, model_args, reference_alignment)
     state = _process_state()
     rank, world = state.process_index, state.num_processes
     first = next((c for c in candidates if not c.is_draft), None)
-    loaded = load_candidate(first, model_args, state.device) if first is not None else None
+    loaded = _load(first, model_args, serving, state.device) if first is not None else None
     if callable(dataset):
-        dataset = dataset(loaded.codec.downsample * 2 if loaded is not None else 1)
+        dataset = dataset(loaded.size_multiple if loaded is not None else 1)
+    views: dict = {}
+    served = dataset  # as built: what a candidate without saved or explicit settings sees
+    if first is not None:  # the draft row and the grid show the references the first candidate sees
+        dataset = _view(served, serving[first.name], views)
     n = len(dataset) if max_records is None else min(len(dataset), int(max_records))
     indices = list(range(rank, n, world))
     keep = set(range(min(grid_records, n)))
@@ -94,9 +135,10 @@ def evaluate_candidates(
         if cand is first:
             policy, loaded = loaded, None  # loaded before the loop to size the dataset
         else:
-            policy = load_candidate(cand, model_args, state.device)
+            policy = _load(cand, model_args, serving, state.device)
+        view = dataset if cand.is_draft else _view(served, serving[cand.name], views)
         rows[cand.name], kept[cand.name] = run_policy(
-            policy, dataset, indices, metrics, sampler, batch_size=batch_size, keep=keep, progress=bar
+            policy, view, indices, metrics, sampler, batch_size=batch_size, keep=keep, progress=bar
         )
         del policy
         gc.collect()
@@ -124,6 +166,10 @@ def evaluate_candidates(
         settings = {
             "sampler": sampler.as_dict(),
             "candidates": [vars(c) for c in candidates],
+            "serving": {
+                name: {k: v for k, v in values.items() if k != "registration" and v is not None}
+                for name, values in serving.items()
+            },
             "metrics": [{"column": c, "higher_is_better": up} for c, up in columns],
             "records": n,
             "processes": world,

@@ -1,25 +1,35 @@
-"""Editor adapters. One module per editor family; Kontext first."""
+"""Editor adapters behind one interface (:mod:`refiner_rl.policies.base`): FLUX.1-Kontext and FLUX.1-Fill."""
 
+from refiner_rl.policies.base import EditorPolicy, editor_class, editor_kinds, pipeline_name, policy_class
 from refiner_rl.policies.codec import Codec, PixelUnshuffleCodec, VAECodec
-from refiner_rl.policies.kontext import (
+from refiner_rl.policies.fill import FillPolicy
+from refiner_rl.policies.flux import (
     DEFAULT_LORA_TARGETS,
     Conditions,
-    KontextPolicy,
+    FluxPolicy,
     TextEmbeds,
     image_ids,
     pack_latents,
     unpack_latents,
 )
+from refiner_rl.policies.kontext import KontextPolicy
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
     "Codec",
     "Conditions",
+    "EditorPolicy",
+    "FillPolicy",
+    "FluxPolicy",
     "KontextPolicy",
     "PixelUnshuffleCodec",
     "TextEmbeds",
     "VAECodec",
+    "editor_class",
+    "editor_kinds",
     "image_ids",
     "pack_latents",
+    "pipeline_name",
+    "policy_class",
     "unpack_latents",
 ]

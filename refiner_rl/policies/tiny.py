@@ -1,4 +1,4 @@
-"""Tiny Kontext-shaped components built from configs with random weights: no file, no network.
+"""Tiny FLUX.1 editors (Kontext- or Fill-shaped) built from configs with random weights: no file, no network.
 
 Used by the embedded default (``refiner-rl demo``), the tests and the benches. Sizes follow how
 diffusers' own tests size a Kontext model, scaled up a little so the policy can learn.
@@ -53,8 +53,10 @@ class TinySpec:
     seed: int = 0
 
 
-def tiny_components(spec: TinySpec | None = None, **overrides) -> dict:
-    """Build every component of a tiny Kontext editor with random weights, in eval mode."""
+def tiny_components(spec: TinySpec | None = None, kind: str = "kontext", **overrides) -> dict:
+    """Build every component of a tiny editor with random weights, in eval mode. ``kind``: ``kontext`` (the
+    transformer reads packed latents) or ``fill`` (it also reads the masked image's latents and the packed mask on
+    its channels: :mod:`refiner_rl.policies.fill`)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -93,10 +95,17 @@ def tiny_components(spec: TinySpec | None = None, **overrides) -> dict:
             codec = VAECodec(vae)
         else:
             raise ValueError(f"tiny model: codec must be 'pixel' or 'vae', got {spec.codec!r}")
-        in_channels = codec.latent_channels * 4  # 2x2 packing
+        out_channels = codec.latent_channels * 4  # 2x2 packing
+        if kind == "kontext":
+            in_channels = out_channels
+        elif kind == "fill":  # noisy latents | masked image latents | packed mask
+            in_channels = 2 * out_channels + 4 * codec.downsample**2
+        else:
+            raise ValueError(f"tiny model: kind must be 'kontext' or 'fill', got {kind!r}")
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=in_channels,
+            out_channels=None if kind == "kontext" else out_channels,
             num_layers=spec.num_layers,
             num_single_layers=spec.num_single_layers,
             attention_head_dim=spec.attention_head_dim,

@@ -2,7 +2,7 @@
 
 transformers' Trainer assumes a ``PreTrainedModel``. For a diffusers transformer we:
 - enable gradient checkpointing through diffusers' own ``enable_gradient_checkpointing``;
-- save the LoRA in the format ``FluxKontextPipeline.load_lora_weights`` reads (or the full transformer
+- save the LoRA in the format the editor's diffusers pipeline reads with ``load_lora_weights`` (or the full transformer
   with ``save_pretrained``) instead of a bare state dict, and load it back on resume;
 - write checkpoints atomically: into a hidden staging folder, renamed once complete, so a crash never
   leaves a half-written ``checkpoint-N`` that a resume would pick up; resume from ``true``/``latest``,
@@ -16,6 +16,7 @@ transformers' Trainer assumes a ``PreTrainedModel``. For a diffusers transformer
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -24,6 +25,8 @@ import torch
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from refiner_rl import model_settings
+from refiner_rl.data.records import condition_image
 from refiner_rl.distributed import fill_deepspeed_auto_values, gathered_state_dict, is_zero3
 from refiner_rl.errors import CheckpointError, ConfigError
 from refiner_rl.trainers.checkpoints import (
@@ -35,7 +38,14 @@ from refiner_rl.trainers.checkpoints import (
 )
 from refiner_rl.trainers.reporting import SampleGrids, setup_wandb_env, start_wandb_run, use_console_log
 
-__all__ = ["FULL_WEIGHTS_DIR", "PolicyTrainerMixin", "save_transformer_state_dict", "setup_wandb_env"]
+__all__ = [
+    "EVAL_SEED",
+    "FULL_WEIGHTS_DIR",
+    "PolicyTrainerMixin",
+    "RewardTrainerMixin",
+    "save_transformer_state_dict",
+    "setup_wandb_env",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +112,8 @@ class PolicyTrainerMixin:
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
+            saved = model_settings.load(checkpoint)  # the run goes on serving the model as it was trained
+            model_settings.check_same(saved, self.model_settings(), f"resuming from {checkpoint}")
             self._on_resume(checkpoint)
         if self.args.should_save:
             remove_stale_staging(self.args.output_dir)
@@ -123,10 +135,7 @@ class PolicyTrainerMixin:
         if not s:
             return None
         b, k = s["batch"], min(int(getattr(self.args, "num_log_samples", 4)), s["images"].shape[0])
-        return [
-            [b["draft"][i], b["reference"][i], s["images"][i]] + ([b["target"][i]] if "target" in b else [])
-            for i in range(k)
-        ]
+        return [grid_row(b, i, s["images"][i]) for i in range(k)]
 
     def _setup_gradient_checkpointing(self, args) -> None:
         # Trainer would call `model.activation_checkpointing_enable` / `gradient_checkpointing_enable`, which
@@ -184,6 +193,11 @@ class PolicyTrainerMixin:
             else:
                 model.save_pretrained(folder, safe_serialization=True)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        model_settings.save(self.model_settings(), output_dir)  # refiner_rl_model.json: edit/eval/resume read it
+
+    def model_settings(self):
+        """The :class:`~refiner_rl.model_settings.ModelSettings` saved with every output and checkpoint."""
+        return model_settings.of_run(self.policy, self.train_dataset, self.args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.policy.has_lora:
@@ -277,3 +291,122 @@ def save_transformer_state_dict(model, folder: str, state_dict: dict) -> None:
         max_shard_size="10GB",
         metadata={"format": "pt"},
     )
+
+
+def grid_row(batch: dict, i: int, *images: torch.Tensor) -> list[torch.Tensor]:
+    """A sample-grid row: draft | reference (or mask) | ``images`` | target (when the batch has one)."""
+    return [batch["draft"][i], condition_image(batch, i), *images] + ([batch["target"][i]] if "target" in batch else [])
+
+
+EVAL_SEED = 1234  # held-out noise: the same draws at every evaluation, so checkpoints compare like with like
+
+
+class RewardTrainerMixin(PolicyTrainerMixin):
+    """What the reward-driven trainers (GRPO and its objectives, ReFL) share, written once: the reference policy,
+    per-process metric means, the W&B sample table and the held-out evaluation.
+
+    A subclass sets ``self.rewards``, ``self.reward_names``, ``self.reward_weights``, ``self.ema`` (or None) and
+    ``self._last_samples``, and defines :meth:`evaluation_settings`."""
+
+    evaluate_with_ema = (
+        True  # evaluate the EMA weights when the trainer keeps an EMA (GRPO); ReFL's EMA is its reference
+    )
+    reference_is_ema = False  # the reference policy is the EMA (ReFL's OneReward-Dynamic), not the frozen start
+
+    def init_reference(self, policy, frozen_copy: bool) -> None:
+        """``self.ref_transformer``: a frozen copy of the starting transformer when ``frozen_copy`` and the policy has
+        no LoRA (with a LoRA, the reference is the same transformer with its adapter switched off: no second copy)."""
+        import copy
+
+        from refiner_rl.distributed import frozen_model_context
+
+        self.ref_transformer = None
+        if frozen_copy and not policy.has_lora:
+            with frozen_model_context():
+                self.ref_transformer = copy.deepcopy(policy.transformer).eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def reference_transformer(self, model):
+        """The reference policy's transformer inside the context: ``model`` with the EMA weights swapped in (an EMA
+        reference), the frozen copy (full fine-tuning), or ``model`` with its LoRA switched off."""
+        if self.reference_is_ema and self.ema is not None:
+            with self.ema.applied(self.accelerator.unwrap_model(model)):
+                yield model
+        elif self.ref_transformer is not None:
+            yield self.ref_transformer
+        else:
+            with self.policy.adapter_disabled(model):
+                yield model
+
+    def process_means(self, lists: dict[str, list[float]]) -> dict[str, float]:
+        """The mean of each metric's values on this process, averaged over processes as the loss is (every process
+        logs the same keys)."""
+        metrics = {k: sum(v) / len(v) for k, v in lists.items() if v}
+        if metrics and self.accelerator.num_processes > 1:
+            keys = sorted(metrics)
+            vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            metrics = dict(zip(keys, self.accelerator.reduce(vals, reduction="mean").tolist()))
+        return metrics
+
+    def _log_sample_table(self) -> None:
+        """The last training batch as a W&B table: draft, reference (or mask), sample, target, total and each reward."""
+        targets = [self.args.report_to] if isinstance(self.args.report_to, str) else list(self.args.report_to or [])
+        if "wandb" not in targets and "all" not in targets:
+            return
+        import wandb
+
+        if wandb.run is None:
+            return
+        s = self._last_samples
+        b, k = s["batch"], min(self.args.num_log_samples, s["images"].shape[0])
+        cols = ["step", "draft", "reference", "sample", "target", "reward"] + list(self.reward_names)
+        table = wandb.Table(columns=cols)
+
+        def img(t):
+            return wandb.Image((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8"))
+
+        for i in range(k):
+            tgt = img(b["target"][i]) if "target" in b else None
+            row = [
+                self.state.global_step,
+                img(b["draft"][i]),
+                img(condition_image(b, i)),
+                img(s["images"][i]),
+                tgt,
+                float(s["total"][i]),
+            ]
+            table.add_data(*row, *[float(v) for v in s["scores"][i]])
+        wandb.log({"samples": table}, commit=False)
+
+    def evaluation_settings(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _before_evaluation(self, dataset) -> None:
+        """Hook: anything :meth:`evaluation_settings` needs from the held-out set (ReFL: the reference's samples)."""
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Held-out metrics (:func:`refiner_rl.evaluation.evaluate` with :meth:`evaluation_settings`), with the EMA
+        weights when the trainer keeps an evaluation EMA. Deterministic: the same noise at every call. Keys are
+        prefixed ``{metric_key_prefix}_`` and logged."""
+        from transformers import Trainer
+
+        from refiner_rl.evaluation import evaluate
+
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        self._before_evaluation(ds)
+        if ds is None:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        use_ema = self.ema is not None and self.evaluate_with_ema
+        ctx = self.ema.applied(model) if use_ema else contextlib.nullcontext()
+        was_training = model.training
+        with ctx:
+            model.eval()
+            try:
+                res = evaluate(self.policy, ds, **self.evaluation_settings(), transformer=model)
+            finally:
+                model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in res.items()}
+        Trainer.log(self, dict(metrics))  # a copy: Trainer.log adds `epoch` to the dict it logs
+        return metrics

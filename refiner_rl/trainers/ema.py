@@ -52,7 +52,6 @@ class EMA:
 
 
 EMA_FILE = "ema_state.safetensors"  # the shadow weights in a checkpoint, for resume
-LEGACY_EMA_FILE = "ema_state.pt"  # what checkpoints written before safetensors hold
 
 
 def save_ema_state(ema: EMA, folder: str) -> None:
@@ -66,13 +65,9 @@ def save_ema_state(ema: EMA, folder: str) -> None:
 
 
 def ema_state_path(folder: str) -> str | None:
-    """The shadow-weights file of a checkpoint folder (safetensors, or the older ``ema_state.pt``), ``None`` if
-    neither is there."""
-    for name in (EMA_FILE, LEGACY_EMA_FILE):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
-    return None
+    """The shadow-weights file of a checkpoint folder, ``None`` if it has none."""
+    path = os.path.join(folder, EMA_FILE)
+    return path if os.path.isfile(path) else None
 
 
 def load_ema_checkpoint(ema: EMA, folder: str, remedy: str) -> None:
@@ -87,13 +82,10 @@ def load_ema_checkpoint(ema: EMA, folder: str, remedy: str) -> None:
 
 
 def load_ema_state(ema: EMA, path: str) -> None:
-    """Load shadow weights written by :func:`save_ema_state` (or an older ``ema_state.pt``, tensors only)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """Load shadow weights written by :func:`save_ema_state` (safetensors only)."""
+    from safetensors.torch import load_file
 
-        ema.load_state_dict(load_file(path, device="cpu"))
-    else:
-        ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    ema.load_state_dict(load_file(path, device="cpu"))
 
 
 def _gathered(params: list[nn.Parameter], modify: bool = False):

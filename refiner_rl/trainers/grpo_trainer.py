@@ -25,8 +25,6 @@ losses in ``trainers.losses``, the per-step backward in ``trainers.backward``, r
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import logging
 import os
@@ -43,8 +41,9 @@ from refiner_rl.data import TripletDataset
 from refiner_rl.distributed import keyed_generator
 from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
 from refiner_rl.errors import RewardError
-from refiner_rl.evaluation import evaluate, reward_columns
-from refiner_rl.policies.kontext import Conditions, KontextPolicy
+from refiner_rl.evaluation import reward_columns
+from refiner_rl.policies.base import EditorPolicy
+from refiner_rl.policies.flux import Conditions
 from refiner_rl.rollout import Trajectory
 from refiner_rl.sampling import batch_conditions, sample_trajectories
 from refiner_rl.scoring.aggregate import compute_advantages, spatial_advantages
@@ -53,8 +52,9 @@ from refiner_rl.scoring.registry import check_required_fields
 from refiner_rl.trainers import objectives
 from refiner_rl.trainers.backward import backward_per_term, per_term_backward_supported
 from refiner_rl.trainers.base import (
+    EVAL_SEED,
     FULL_WEIGHTS_DIR,
-    PolicyTrainerMixin,
+    RewardTrainerMixin,
     save_transformer_state_dict,
 )
 from refiner_rl.trainers.ema import EMA, EMACallback, load_ema_checkpoint, save_ema_state
@@ -63,11 +63,10 @@ from refiner_rl.trainers.losses import clipped_surrogate, guard_log_ratio
 
 logger = logging.getLogger(__name__)
 EMA_DIR = "ema"  # the EMA weights in the same format as the live ones (LoRA or transformer/)
-EVAL_SEED = 1234  # held-out noise: the same draws at every evaluation, so checkpoints compare like with like
 
 
-class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
-    """Group-relative policy optimisation of a :class:`KontextPolicy` with pluggable rewards."""
+class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
+    """Group-relative policy optimisation of a :class:`EditorPolicy` with pluggable rewards."""
 
     #: Back-propagate each trained step as soon as its loss is formed (one step's activations alive at a time).
     #: False: one backward over :meth:`compute_loss` (all K steps' activations at once; the same gradient).
@@ -75,7 +74,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     def __init__(
         self,
-        model: KontextPolicy | str,
+        model: EditorPolicy | str,
         reward_funcs=None,
         args: FlowGRPOConfig | None = None,
         train_dataset: TripletDataset | None = None,
@@ -83,7 +82,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         peft_config=None,
         callbacks=None,
     ):
-        """TRL's signature. ``model``: a :class:`KontextPolicy`, ``"tiny"``, a diffusers repo id or a local folder
+        """TRL's signature. ``model``: a :class:`EditorPolicy`, ``"tiny"``, a diffusers repo id or a local folder
         laid out like FLUX.1-Kontext-dev. ``reward_funcs``: one item or a list of reward names, recipe specs,
         dotted paths, :class:`Reward` objects or plain functions ``f(prompts, completions, **kwargs)`` (sync or
         async); when given it replaces ``args.rewards`` (``None`` takes them). Weights come from
@@ -94,7 +93,9 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         policy = resolve_policy(model, args, peft_config)
         rewards = self._set_rewards(reward_funcs, args)
         if train_dataset is not None:
-            columns = {"prompt", "draft", "reference", "mask"} | ({"target"} if _has_target(train_dataset) else set())
+            columns = {"prompt", "draft", "mask"} | {
+                k for k in ("reference", "target", "task") if _has(train_dataset, k)
+            }
             check_required_fields(rewards, columns)
         super().__init__(policy, args, train_dataset, eval_dataset, callbacks)
         # compute_loss returns a per-micro-batch mean: let Trainer divide it by the accumulation steps.
@@ -111,9 +112,7 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
                 stride=args.sde_window_stride,
                 max_start=args.sde_window_max_start,
             )
-        self.ref_transformer = None
-        if args.beta > 0 and not policy.has_lora:
-            self.ref_transformer = copy.deepcopy(policy.transformer).eval().requires_grad_(False)
+        self.init_reference(policy, frozen_copy=args.beta > 0)
         self.ema = EMA(policy.transformer, args.ema_decay) if args.ema_decay > 0 else None
         if self.ema is not None:
             self.add_callback(EMACallback(self))
@@ -188,10 +187,10 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
         dev = policy.device
         t0 = _now(dev)
         focus = args.focus_settings()  # region-focused: roll out (and train) on the crop around each mask
-        crop = focus.crop(batch, policy.codec.downsample * 2) if focus is not None else None
+        crop = focus.crop(batch, policy.size_multiple) if focus is not None else None
         batch = crop.batch if crop is not None else batch
         cond, _ = self._conditions(batch)
-        n = cond.tokens.shape[0]
+        n = cond.batch_size
         steps = []
         if self.window is not None:
             steps = self.window.steps(
@@ -362,11 +361,8 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
 
     def _reference_mean(self, model, inputs: dict, j: int) -> torch.Tensor:
         """Step mean of the reference policy: the LoRA adapter disabled, or the frozen copy (full fine-tuning)."""
-        with torch.no_grad():
-            if self.ref_transformer is not None:
-                return self.step_distribution(self.ref_transformer, inputs, j)[0]
-            with self.policy.adapter_disabled(model):
-                return self.step_distribution(model, inputs, j)[0]
+        with torch.no_grad(), self.reference_transformer(model) as ref:
+            return self.step_distribution(ref, inputs, j)[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``mean_j [ mean_i max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) + beta KL_j ]`` over the K trained
@@ -450,13 +446,9 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
-        if metrics and self.accelerator.num_processes > 1:
-            # kl, ratio and clip fractions are per-process means: average them over processes, as the loss is (every
-            # process logs, with the same keys; the reward statistics are already global and stay unchanged).
-            keys = sorted(metrics)
-            vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-            metrics = dict(zip(keys, self.accelerator.reduce(vals, reduction="mean").tolist()))
+        # kl, ratio and clip fractions are per-process means, averaged over processes as the loss is; the reward
+        # statistics are already global and stay unchanged
+        metrics = self.process_means(self._metrics[mode])
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         logs = {**logs, **metrics}
@@ -469,35 +461,6 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             and self.accelerator.is_main_process
         ):
             self._log_sample_table()
-
-    def _log_sample_table(self) -> None:
-        targets = [self.args.report_to] if isinstance(self.args.report_to, str) else list(self.args.report_to or [])
-        if "wandb" not in targets and "all" not in targets:
-            return
-        import wandb
-
-        if wandb.run is None:
-            return
-        s = self._last_samples
-        b, k = s["batch"], min(self.args.num_log_samples, s["images"].shape[0])
-        cols = ["step", "draft", "reference", "sample", "target", "reward"] + list(self.reward_names)
-        table = wandb.Table(columns=cols)
-
-        def img(t):
-            return wandb.Image((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8"))
-
-        for i in range(k):
-            tgt = img(b["target"][i]) if "target" in b else None
-            row = [
-                self.state.global_step,
-                img(b["draft"][i]),
-                img(b["reference"][i]),
-                img(s["images"][i]),
-                tgt,
-                float(s["total"][i]),
-            ]
-            table.add_data(*row, *[float(v) for v in s["scores"][i]])
-        wandb.log({"samples": table}, commit=False)
 
     # ------------------------------------------------------------------------------------------ held-out
     def evaluation_settings(self) -> dict:
@@ -518,29 +481,6 @@ class FlowGRPOTrainer(PolicyTrainerMixin, Trainer):
             reward_names=self.reward_names,
             reward_extras={"trainer_state": self.state},
         )
-
-    @torch.no_grad()
-    def evaluate(
-        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", use_ema: bool = True
-    ) -> dict[str, float]:
-        """Held-out metrics (:func:`refiner_rl.evaluation.evaluate` with :meth:`evaluation_settings`), with the EMA
-        weights when EMA is on (``use_ema``). Deterministic: the same noise at every call. Keys are prefixed
-        ``{metric_key_prefix}_`` and logged."""
-        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if ds is None:
-            return {}
-        model = self.accelerator.unwrap_model(self.model)
-        ctx = self.ema.applied(model) if (self.ema is not None and use_ema) else contextlib.nullcontext()
-        was_training = model.training
-        with ctx:
-            model.eval()
-            try:
-                res = evaluate(self.policy, ds, **self.evaluation_settings(), transformer=model)
-            finally:
-                model.train(was_training)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in res.items()}
-        Trainer.log(self, dict(metrics))  # a copy: Trainer.log adds `epoch` to the dict it logs
-        return metrics
 
     # ------------------------------------------------------------------------------------- checkpointing
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -613,6 +553,10 @@ def _slice_rollout(full: dict, sl: slice) -> dict:
     return out
 
 
-def _has_target(ds) -> bool:
-    has_field = getattr(ds, "has_field", None)  # a TripletDataset; another dataset: targets not known to exist
-    return bool(has_field is not None and has_field("target"))
+def _has(ds, field: str) -> bool:
+    """Whether every record of ``ds`` has ``field``: a TripletDataset knows; of another dataset, only the columns
+    every editor reads are assumed (``reference``: every Kontext dataset has it)."""
+    has_field = getattr(ds, "has_field", None)
+    if has_field is None:
+        return field == "reference"
+    return bool(has_field(field))

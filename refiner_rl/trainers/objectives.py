@@ -110,8 +110,5 @@ def term_loss(trainer, model, inputs: dict, j: int, stats: dict[str, list[float]
 @torch.no_grad()
 def reference_velocity(trainer, model, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
     """The reference policy's velocity: the LoRA adapter disabled, or the frozen copy (full fine-tuning)."""
-    kw = dict(true_cfg_scale=trainer.args.true_cfg_scale)
-    if trainer.ref_transformer is not None:
-        return trainer.policy.velocity(x_t, t, cond, transformer=trainer.ref_transformer, **kw)
-    with trainer.policy.adapter_disabled(model):
-        return trainer.policy.velocity(x_t, t, cond, transformer=model, **kw)
+    with trainer.reference_transformer(model) as ref:
+        return trainer.policy.velocity(x_t, t, cond, transformer=ref, true_cfg_scale=trainer.args.true_cfg_scale)

@@ -14,8 +14,6 @@ Only the one-step forward, the decode of x_theta and the rewards are differentia
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 from collections import defaultdict
 
@@ -25,18 +23,17 @@ from transformers import Trainer
 
 from refiner_rl.configs import resolve_policy
 from refiner_rl.data import BucketBatchOrderSampler, TripletDataset
-from refiner_rl.distributed import frozen_model_context, keyed_generator, occurrence_keys
+from refiner_rl.distributed import keyed_generator, occurrence_keys
 from refiner_rl.errors import ConfigError
 from refiner_rl.evaluation import reward_columns
 from refiner_rl.evaluation.loop import SamplerSettings, load_batch, record_batches, sample_batch
-from refiner_rl.policies.kontext import KontextPolicy, unpack_latents
-from refiner_rl.rollout import initial_latents, paste_back, rollout, sampling_sigmas
+from refiner_rl.policies.base import EditorPolicy
+from refiner_rl.rollout import initial_latents, paste_back, rollout
 from refiner_rl.sampling import batch_conditions, sample_trajectories
 from refiner_rl.scoring.base import BASELINE_FIELD, Reward
 from refiner_rl.scoring.registry import check_required_fields
-from refiner_rl.trainers.base import PolicyTrainerMixin
+from refiner_rl.trainers.base import EVAL_SEED, RewardTrainerMixin
 from refiner_rl.trainers.ema import EMA, EMACallback, load_ema_checkpoint, save_ema_state
-from refiner_rl.trainers.grpo_trainer import EVAL_SEED, FlowGRPOTrainer
 from refiner_rl.trainers.refl_config import FlowReFLConfig
 
 logger = logging.getLogger(__name__)
@@ -57,12 +54,14 @@ def refl_loss(scores: torch.Tensor, weights: torch.Tensor, margin: float | None)
     return loss, on.sum() / valid.sum().clamp(min=1)
 
 
-class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
-    """Reward-gradient fine-tuning of a :class:`KontextPolicy` with differentiable rewards."""
+class FlowReFLTrainer(RewardTrainerMixin, Trainer):
+    """Reward-gradient fine-tuning of a :class:`EditorPolicy` with differentiable rewards."""
+
+    evaluate_with_ema = False  # its EMA is the reference policy; held-out metrics are the policy's own
 
     def __init__(
         self,
-        model: KontextPolicy | str,
+        model: EditorPolicy | str,
         reward_funcs=None,
         args: FlowReFLConfig | None = None,
         train_dataset: TripletDataset | None = None,
@@ -89,17 +88,15 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
             for name, r in zip(self.reward_names, rewards)
         ]
         if train_dataset is not None and getattr(train_dataset, "has_field", None) is not None:
-            has_target = {"target"} if train_dataset.has_field("target") else set()
-            check_required_fields(rewards, {"prompt", "draft", "reference", "mask", BASELINE_FIELD} | has_target)
+            present = {k for k in ("reference", "target", "task") if train_dataset.has_field(k)}
+            check_required_fields(rewards, {"prompt", "draft", "mask", BASELINE_FIELD} | present)
         policy = resolve_policy(model, args, peft_config)
         super().__init__(policy, args, train_dataset, eval_dataset, callbacks)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a per-micro-batch mean
         for r in rewards:
             r.to(self.accelerator.device)
-        self.ref_transformer = None
-        if args.reference == "frozen" and not policy.has_lora:
-            with frozen_model_context():
-                self.ref_transformer = copy.deepcopy(policy.transformer).eval().requires_grad_(False)
+        self.init_reference(policy, frozen_copy=args.reference == "frozen")
+        self.reference_is_ema = args.reference == "ema"
         self.ema = EMA(policy.transformer, args.ema_decay) if args.reference == "ema" else None
         if self.ema is not None:
             self.add_callback(EMACallback(self))
@@ -130,19 +127,6 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
         return [keyed_generator(self.args.seed, step, i, k, which) for i, k in occurrence_keys(inputs["index"])]
 
     # --------------------------------------------------------------------------------------------- images
-    @contextlib.contextmanager
-    def reference_transformer(self, model):
-        """The reference policy's transformer inside the context: ``model`` with the EMA weights swapped in, the
-        frozen copy (full fine-tuning), or ``model`` with its LoRA switched off."""
-        if self.ema is not None:
-            with self.ema.applied(self.accelerator.unwrap_model(model)):
-                yield model
-        elif self.ref_transformer is not None:
-            yield self.ref_transformer
-        else:
-            with self.policy.adapter_disabled(model):
-                yield model
-
     @torch.no_grad()
     def reference_images(self, model, inputs: dict, cond) -> torch.Tensor:
         """x_ref ``[B, 3, H, W]``: the reference policy's full ODE sample from eps1, without gradient."""
@@ -163,7 +147,7 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
         """x_theta ``[B, 3, H, W]``: the policy's steps ``0..t-1`` from eps2 without gradient, then
         ``x0 = x_t - sigma_t v_theta(x_t)`` and its decode WITH gradient."""
         a, policy = self.args, self.policy
-        sigmas = sampling_sigmas(a.num_inference_steps, cond.num_target_tokens, a.start_sigma)
+        sigmas = policy.sigmas(a.num_inference_steps, cond.num_target_tokens, a.start_sigma)
         draft = policy.encode_images(inputs["draft"].to(policy.device)) if a.start_sigma < 1 else None
         with torch.no_grad():
             x = initial_latents(policy, cond, self._generators(inputs, 2), float(sigmas[0]), draft)
@@ -174,7 +158,7 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
         x0 = x - s * v
 
         def decode(z):
-            return policy.codec.decode(unpack_latents(z.float(), *cond.grid)).float()
+            return policy.decode_with_grad(z, cond.grid)
 
         images = checkpoint(decode, x0, use_reentrant=False) if a.decode_checkpointing else decode(x0)
         if a.paste_back:
@@ -189,10 +173,24 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
         x_ref = self.reference_images(model, inputs, cond)
         images = self.one_step_images(model, inputs, cond, t)
         columns = {**reward_columns(inputs), "prompt": list(inputs["prompt"]), BASELINE_FIELD: x_ref}
-        idx = self.task_rewards[task]
-        scores = torch.stack([self.rewards[j].score_tensors(images, columns).to(images.device) for j in idx], 1)
-        loss, active = refl_loss(scores, self.reward_weights[idx], self.args.margin)
-        self._record(task, t, idx, scores.detach(), active, inputs, images, x_ref)
+        if "task" not in inputs:
+            idx = self.task_rewards[task]
+            scores = torch.stack([self.rewards[j].score_tensors(images, columns).to(images.device) for j in idx], 1)
+            loss, active = refl_loss(scores, self.reward_weights[idx], self.args.margin)
+            self._record(task, t, idx, scores.detach(), active, inputs, images, x_ref)
+            return (loss, {"images": images}) if return_outputs else loss
+        # mask-guided task records: each row is scored by its own task's rewards; the batch's loss is the rows' mean
+        loss = images.new_zeros(())
+        for task, rows in _rows_by_task(inputs["task"], self.args.task_mix).items():
+            idx, sel = self.task_rewards[task], torch.tensor(rows)
+            sub = {k: [v[i] for i in rows] if isinstance(v, list) else v[sel.to(v.device)] for k, v in columns.items()}
+            scores = torch.stack([self.rewards[j].score_tensors(images[sel], sub).to(images.device) for j in idx], 1)
+            part, active = refl_loss(scores, self.reward_weights[idx], self.args.margin)
+            loss = loss + part * len(rows) / images.shape[0]
+            rows_in = {
+                k: [v[i] for i in rows] if isinstance(v, list) else v[sel.to(v.device)] for k, v in inputs.items()
+            }
+            self._record(task, t, idx, scores.detach(), active, rows_in, images[sel], x_ref[sel.to(x_ref.device)])
         return (loss, {"images": images}) if return_outputs else loss
 
     def _record(self, task, t, idx, scores, active, inputs, images, x_ref) -> None:
@@ -218,17 +216,10 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        metrics = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
-        if metrics and self.accelerator.num_processes > 1:  # per-process means: averaged as the loss is
-            keys = sorted(metrics)
-            vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-            metrics = dict(zip(keys, self.accelerator.reduce(vals, reduction="mean").tolist()))
-        super().log({**logs, **metrics}, start_time)
+        super().log({**logs, **self.process_means(self._metrics)}, start_time)
         self._metrics.clear()
         if self.args.log_samples and self._last_samples is not None and self.accelerator.is_main_process:
             self._log_sample_table()
-
-    _log_sample_table = FlowGRPOTrainer._log_sample_table  # the same W&B table as GRPO's
 
     def sample_grid_rows(self) -> list[list[torch.Tensor]] | None:
         """draft | reference | x_theta | target | x_ref of the last training batch."""
@@ -253,17 +244,14 @@ class FlowReFLTrainer(PolicyTrainerMixin, Trainer):
             reward_names=self.reward_names,
         )
 
-    @torch.no_grad()
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Held-out metrics of the policy's own weights (never the EMA reference's), as GRPO's evaluation: masked
-        MSE and the rewards' ``score`` means. A pairwise judge against x_ref scores the policy's sample against the
-        reference policy's sample of the same record and noise (P(Yes | x_theta, x_ref): about its value for two
-        equal images at the start)."""
-        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+    def _before_evaluation(self, dataset) -> None:
+        """Held-out metrics are of the policy's own weights (never the EMA reference's): masked MSE and the rewards'
+        ``score`` means. A pairwise judge against x_ref scores the policy's sample against the reference policy's
+        sample of the same record and noise (P(Yes | x_theta, x_ref): about its value for two equal images at the
+        start)."""
         self._eval_baseline = None
-        if ds is not None and any(_reads_baseline(r) for r in self.rewards):
-            self._eval_baseline = self._held_out_references(ds)
-        return FlowGRPOTrainer.evaluate(self, eval_dataset, ignore_keys, metric_key_prefix, use_ema=False)
+        if dataset is not None and any(_reads_baseline(r) for r in self.rewards):
+            self._eval_baseline = self._held_out_references(dataset)
 
     def _held_out_references(self, ds) -> dict[int, torch.Tensor]:
         """The reference policy's ODE sample of every held-out record (by record index), sampled as the held-out
@@ -311,6 +299,20 @@ def _task_rewards(task_mix: dict[str, float], rewards, names: list[str]) -> dict
         raise ConfigError(
             f"`task_mix` task(s) {', '.join(map(repr, empty))} have no reward: add a reward with that task"
         )
+    return out
+
+
+def _rows_by_task(tasks: list[str], task_mix: dict[str, float]) -> dict[str, list[int]]:
+    """``{task: row indices}`` of a batch of mask-guided task records; a ConfigError for a task ``task_mix`` lacks
+    (its rewards are then unknown)."""
+    out: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        if task not in task_mix:
+            raise ConfigError(
+                f"a training record has task {task!r}, which `task_mix` ({', '.join(task_mix)}) does not list: add it "
+                "with its rewards (for task records the data sets the mix; task_mix names the tasks)"
+            )
+        out.setdefault(task, []).append(i)
     return out
 
 

@@ -15,9 +15,10 @@ from transformers import Trainer
 from refiner_rl.data import BucketBatchOrderSampler, TripletDataset, collate_triplets
 from refiner_rl.distributed import keyed_generator, occurrence_keys
 from refiner_rl.dynamics.schedules import loss_weighting, sample_training_sigmas
-from refiner_rl.policies.kontext import KontextPolicy, TextEmbeds
+from refiner_rl.policies.base import EditorPolicy
+from refiner_rl.policies.flux import TextEmbeds
 from refiner_rl.sampling import batch_text
-from refiner_rl.trainers.base import PolicyTrainerMixin
+from refiner_rl.trainers.base import PolicyTrainerMixin, grid_row
 from refiner_rl.trainers.losses import mask_weighted_flow_loss
 from refiner_rl.trainers.sft_config import FlowSFTConfig
 
@@ -47,18 +48,18 @@ class CurriculumSampler(torch.utils.data.Sampler):
 
 
 class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
-    """``transformers.Trainer`` over a :class:`KontextPolicy`; only the transformer (or its LoRA) trains."""
+    """``transformers.Trainer`` over a :class:`EditorPolicy`; only the transformer (or its LoRA) trains."""
 
     def __init__(
         self,
-        model: KontextPolicy | str,
+        model: EditorPolicy | str,
         args: FlowSFTConfig | None = None,
         train_dataset: TripletDataset | None = None,
         eval_dataset: TripletDataset | None = None,
         peft_config=None,
         callbacks=None,
     ):
-        """TRL's signature: ``model`` is a :class:`KontextPolicy`, ``"tiny"``, a diffusers repo id or a local
+        """TRL's signature: ``model`` is a :class:`EditorPolicy`, ``"tiny"``, a diffusers repo id or a local
         folder; ``peft_config`` a peft ``LoraConfig`` attached to its transformer."""
         from refiner_rl.configs import resolve_policy
 
@@ -100,9 +101,7 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
             ).cpu()
         finally:
             model.train(was_training)
-        return [
-            [batch["draft"][i], batch["reference"][i], images[i], batch["target"][i]] for i in range(images.shape[0])
-        ]
+        return [grid_row(batch, i, images[i]) for i in range(images.shape[0])]
 
     # ------------------------------------------------------------------------------------------------ loss
     def _sample_generators(self, inputs: dict) -> list[torch.Generator]:
@@ -125,11 +124,9 @@ class FlowSFTTrainer(PolicyTrainerMixin, Trainer):
         dev = policy.device
         focus = args.focus_settings()
         if focus is not None:  # region-focused: the loss is on the crop around the mask, at the working size
-            inputs = focus.crop(inputs, policy.codec.downsample * 2).batch
+            inputs = focus.crop(inputs, policy.size_multiple).batch
         gens = self._sample_generators(inputs)
-        cond = policy.encode_conditions(
-            inputs["draft"].to(dev), inputs["reference"].to(dev), text=self._text(inputs, gens)
-        )
+        cond = policy.encode_batch(inputs, self._text(inputs, gens))
         x0 = policy.encode_images(inputs["target"].to(dev))
         sigma = torch.cat(
             [

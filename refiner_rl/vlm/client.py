@@ -147,14 +147,6 @@ def first_token_top_logprobs(reply: dict | None) -> list[dict] | None:
         return None
 
 
-def reply_text(reply: dict | None) -> str | None:
-    """``choices[0].message.content`` of a chat-completions reply, or ``None``."""
-    try:
-        return reply["choices"][0]["message"]["content"] if reply else None
-    except (KeyError, IndexError, TypeError):
-        return None
-
-
 class ChatClient:
     """Chat completions from one OpenAI-compatible server; ``None`` for every question it could not answer.
 

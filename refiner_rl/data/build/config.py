@@ -167,7 +167,9 @@ class DataBuildConfig:
     )
     editor: str | None = field(
         default=None,
-        metadata={"help": "Editor of `vae`/`regenerate`: `tiny`, or a FluxKontextPipeline-loadable id or folder."},
+        metadata={
+            "help": "Editor of `vae`/`regenerate`: `tiny`, or a diffusers pipeline id or folder (FluxKontextPipeline)."
+        },
     )
     editor_transformer_path: str | None = field(
         default=None, metadata={"help": "A fine-tuned transformer folder to use in the editor (e.g. an SFT output)."}

@@ -1,0 +1,163 @@
+"""Settings that belong to a trained model and travel with it (``refiner_rl_model.json``).
+
+A model trained with registered references (``reference_alignment: register``) or with other reference RoPE
+positions (``reference_positions``) must be served the same way. The trainers write this file next to the weights
+(final output and every ``checkpoint-N``); ``refiner-rl edit``, ``refiner-rl eval`` and a resume read it. A setting
+the user leaves unset (``None``) takes the saved value (else the old default); one set explicitly to another value
+than the saved one is a :class:`~refiner_rl.errors.ConfigError` naming both values and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from refiner_rl.errors import CheckpointError, ConfigError
+
+SETTINGS_FILE = "refiner_rl_model.json"
+# What an unset setting means for a model without the file (the defaults before the file existed).
+DEFAULTS = {"reference_alignment": "none", "reference_positions": "grid"}
+SAMPLER_KEYS = ("num_inference_steps", "start_sigma", "true_cfg_scale", "paste_back")
+
+
+@dataclass
+class ModelSettings:
+    """What a trained model must be served with, and the sampler its run evaluated with (``sampler``)."""
+
+    kind: str = "kontext"
+    reference_alignment: str = "none"
+    reference_positions: str = "grid"
+    reference_id: int = 2
+    guidance_scale: float | None = None
+    registration_scale_range: list[float] | None = None
+    sampler: dict = field(default_factory=dict)
+    path: str | None = field(default=None, compare=False)  # the file it was read from (not written)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("path")
+        return out
+
+
+def _check(settings: ModelSettings, where: str, error=ConfigError) -> ModelSettings:
+    from refiner_rl.data.records import REFERENCE_ALIGNMENTS
+    from refiner_rl.policies.kontext import REFERENCE_POSITIONS
+
+    if settings.reference_alignment not in REFERENCE_ALIGNMENTS:
+        raise error(
+            f"{where}: reference_alignment must be one of {', '.join(REFERENCE_ALIGNMENTS)}, got {settings.reference_alignment!r}"
+        )
+    if settings.reference_positions not in REFERENCE_POSITIONS:
+        raise error(
+            f"{where}: reference_positions must be one of {', '.join(REFERENCE_POSITIONS)}, got {settings.reference_positions!r}"
+        )
+    return settings
+
+
+def save(settings: ModelSettings, folder: str) -> str:
+    """Write ``folder/refiner_rl_model.json`` atomically (a temporary file renamed over it); returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, SETTINGS_FILE)
+    fd, tmp = tempfile.mkstemp(prefix=f".{SETTINGS_FILE}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(settings.as_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load(folder: str | None) -> ModelSettings | None:
+    """The settings saved in ``folder`` (a trainer's output or checkpoint folder); None when it holds no
+    ``refiner_rl_model.json`` (a model from before the file, a base model). A corrupt file is a CheckpointError."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    path = os.path.join(folder, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON object was expected, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(ModelSettings)} - {"path"}
+        settings = ModelSettings(**{k: v for k, v in raw.items() if k in known}, path=path)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a refiner-rl model settings file ({e})") from e
+    return _check(settings, path, CheckpointError)
+
+
+def merge(saved: ModelSettings | None, explicit: dict, defaults: dict | None = None) -> dict:
+    """The values to serve with: for each ``{name: value}`` of ``explicit``, the value when set (not None), else the
+    saved one, else ``defaults[name]`` (default :data:`DEFAULTS`). An explicit value that disagrees with the saved
+    one raises ConfigError naming both and the file."""
+    defaults = DEFAULTS if defaults is None else defaults
+    out = {}
+    for name, value in explicit.items():
+        stored = getattr(saved, name) if saved is not None else None
+        if value is not None and stored is not None and value != stored:
+            raise ConfigError(
+                f"{name} {value!r} disagrees with {stored!r}, the setting the model was trained with "
+                f"({saved.path or SETTINGS_FILE}): drop --{name} to use the model's own, or give {stored!r}"
+            )
+        out[name] = value if value is not None else stored if stored is not None else defaults.get(name)
+    return out
+
+
+def sampler_defaults(args) -> dict:
+    """The sampler settings a training config evaluated with (those of :data:`SAMPLER_KEYS` it has; SFT's sample
+    grids: ``sample_inference_steps`` as ``num_inference_steps``)."""
+    out = {k: getattr(args, k) for k in SAMPLER_KEYS if hasattr(args, k)}
+    if "num_inference_steps" not in out and hasattr(args, "sample_inference_steps"):
+        out["num_inference_steps"] = args.sample_inference_steps
+    return out
+
+
+def of_run(policy, dataset, args) -> ModelSettings:
+    """The settings of a training run: its policy, its training dataset and its config."""
+    registration = getattr(dataset, "registration", None) or {}
+    scale_range = registration.get("scale_range")
+    guidance = getattr(policy, "guidance_scale", None)
+    return ModelSettings(
+        kind=str(getattr(policy, "kind", "kontext")),
+        reference_alignment=getattr(dataset, "reference_alignment", None) or DEFAULTS["reference_alignment"],
+        reference_positions=getattr(policy, "reference_positions", None) or DEFAULTS["reference_positions"],
+        reference_id=int(getattr(policy, "reference_id", 2)),
+        guidance_scale=float(guidance) if guidance is not None else None,
+        registration_scale_range=[float(v) for v in scale_range] if scale_range else None,
+        sampler=sampler_defaults(args),
+    )
+
+
+def check_same(saved: ModelSettings | None, current: ModelSettings, what: str) -> None:
+    """ConfigError when ``current`` (a run about to resume) serves the model otherwise than ``saved`` says."""
+    if saved is None:
+        return
+    for name in ("kind", "reference_alignment", "reference_positions", "reference_id"):
+        if getattr(saved, name) != getattr(current, name):
+            raise ConfigError(
+                f"{what}: {name} {getattr(current, name)!r} disagrees with {getattr(saved, name)!r}, the setting "
+                f"the checkpoint was trained with ({saved.path}): resume with {name} {getattr(saved, name)!r}"
+            )
+
+
+def check_kind(saved: ModelSettings | None, model_name_or_path: str, what: str, revision: str | None = None) -> None:
+    """ConfigError when a checkpoint of one editor kind (``kontext``, ``fill``) is put over a base model of another:
+    its weights would not fit that transformer."""
+    if saved is None:
+        return
+    from refiner_rl.policies import policy_class
+
+    base = policy_class(model_name_or_path, revision).kind
+    if base != saved.kind:
+        raise ConfigError(
+            f"{what} was trained as a {saved.kind!r} editor ({saved.path}) but its base model {model_name_or_path!r} "
+            f"is a {base!r} editor: give the base model it was trained from"
+        )
