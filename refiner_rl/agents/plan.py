@@ -32,7 +32,6 @@ _TRIPLE = rf"\s*<action>{_FIELD}</action>\s*<subject>{_FIELD}</subject>\s*<goal>
 _TRIPLE_RE = re.compile(_TRIPLE)
 _PLAN_RE = re.compile(rf"(?:{_TRIPLE})+\s*")
 _SPAN_RE = re.compile(r"<(action|subject|goal)>([^<>]*)</\1>")
-_TAG_RE = re.compile(r"</?(?:action|subject|goal)>")
 
 
 def completion_text(completion: Any) -> str:
@@ -70,14 +69,6 @@ def extract_components(text: str, max_chars: int = MAX_CHARS) -> dict[str, list[
         for m in _SPAN_RE.finditer(text):
             out[m.group(1)].append(m.group(2))
     return out
-
-
-def tag_counts(text: str) -> dict[str, int]:
-    """How often each of the six tag strings occurs."""
-    counts = dict.fromkeys(TAGS, 0)
-    for m in _TAG_RE.finditer(text or ""):
-        counts[m.group(0)] += 1
-    return counts
 
 
 def normalize_tokens(text: str) -> list[str]:

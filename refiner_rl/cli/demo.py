@@ -164,7 +164,7 @@ def main(argv: list[str]) -> int:
         for i in range(sample["draft"].shape[0])
     ]
     grid_path = os.path.join(out, "samples.png")
-    from refiner_rl.trainers.reporting import save_grid
+    from refiner_rl.reporting import save_grid
 
     save_grid(grid_path, grid_rows)
     report["seconds"] = round(time.time() - t0, 1)

@@ -128,7 +128,7 @@ def log_wandb(
     """One W&B run (offline without an API key) with the summary table, every mean as a scalar and the grid."""
     import wandb
 
-    from refiner_rl.trainers.reporting import setup_wandb_env
+    from refiner_rl.reporting import setup_wandb_env
 
     setup_wandb_env("wandb")
     run = wandb.init(project=project, name=run_name, dir=os.path.abspath(out_dir), config=settings, job_type="eval")

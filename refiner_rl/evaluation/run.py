@@ -182,7 +182,7 @@ def evaluate_candidates(
         write_json(files["json"], settings, summary, rows)
         grid = grid_rows(dataset, {c.name: kept[c.name] for c in candidates if not c.is_draft}, sorted(keep))
         if grid:
-            from refiner_rl.trainers.reporting import save_grid
+            from refiner_rl.reporting import save_grid
 
             files["grid"] = os.path.join(output_dir, "samples.png")
             save_grid(files["grid"], grid)

@@ -7,8 +7,11 @@ import logging
 import os
 import uuid
 
-import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+from refiner_rl.reporting import reports_to_wandb, save_grid, setup_wandb_env
+
+__all__ = ["SampleGrids", "reports_to_wandb", "save_grid", "setup_wandb_env", "start_wandb_run", "use_console_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +53,6 @@ def use_console_log(trainer) -> None:
             trainer.add_callback(new(**({"max_str_len": cb.max_str_len} if hasattr(cb, "max_str_len") else {})))
 
 
-def reports_to_wandb(report_to) -> bool:
-    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    return "wandb" in targets or "all" in targets
-
-
-def setup_wandb_env(report_to) -> None:
-    """Log to W&B offline when no API key is configured, so a run never blocks on a login prompt."""
-    if reports_to_wandb(report_to):
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
-        if not has_key and "WANDB_MODE" not in os.environ:
-            os.environ["WANDB_MODE"] = "offline"
-            logger.info("no W&B API key found: logging offline (sync later with `wandb sync`)")
-
-
 def start_wandb_run(args, resuming: bool, main: bool) -> None:
     """Open the W&B run before transformers' ``WandbCallback`` would (it then logs into this one): its files go
     to ``output_dir/wandb``; a resumed run continues the W&B run id stored in ``output_dir/wandb_run_id``, a new
@@ -90,25 +79,6 @@ def start_wandb_run(args, resuming: bool, main: bool) -> None:
         resume="allow",
         name=args.run_name,
     )
-
-
-def save_grid(path: str, rows: list[list[torch.Tensor]], scale: int = 4) -> None:
-    """Rows of ``[3, H, W]`` images in [0, 1] -> one PNG (nearest upscaling so fine detail stays visible).
-    Images of a row may differ in height (the reference): each is padded at the bottom to the row's tallest."""
-    from PIL import Image
-
-    lines = []
-    for row in rows:
-        row = [im.detach().cpu() for im in row]  # a trainer's rows may mix CPU copies and device tensors
-        h = max(im.shape[1] for im in row)
-        lines.append(
-            torch.cat([torch.nn.functional.pad(im.float().clamp(0, 1), (0, 0, 0, h - im.shape[1])) for im in row], 2)
-        )
-    w = max(line.shape[2] for line in lines)
-    grid = torch.cat([torch.nn.functional.pad(line, (0, w - line.shape[2])) for line in lines], dim=1)
-    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    img = Image.fromarray(arr)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
 class SampleGrids(TrainerCallback):
