@@ -173,24 +173,21 @@ class FlowReFLTrainer(RewardTrainerMixin, Trainer):
         x_ref = self.reference_images(model, inputs, cond)
         images = self.one_step_images(model, inputs, cond, t)
         columns = {**reward_columns(inputs), "prompt": list(inputs["prompt"]), BASELINE_FIELD: x_ref}
-        if "task" not in inputs:
+        # task records (mask-guided) are each scored by their own task's rewards, else the whole batch by the drawn
+        # task's; the batch's loss is the groups' losses weighted by their rows
+        groups = _rows_by_task(inputs["task"], self.args.task_mix) if "task" in inputs else {task: None}
+        loss = 0.0
+        for task, rows in groups.items():
             idx = self.task_rewards[task]
-            scores = torch.stack([self.rewards[j].score_tensors(images, columns).to(images.device) for j in idx], 1)
-            loss, active = refl_loss(scores, self.reward_weights[idx], self.args.margin)
-            self._record(task, t, idx, scores.detach(), active, inputs, images, x_ref)
-            return (loss, {"images": images}) if return_outputs else loss
-        # mask-guided task records: each row is scored by its own task's rewards; the batch's loss is the rows' mean
-        loss = images.new_zeros(())
-        for task, rows in _rows_by_task(inputs["task"], self.args.task_mix).items():
-            idx, sel = self.task_rewards[task], torch.tensor(rows)
-            sub = {k: [v[i] for i in rows] if isinstance(v, list) else v[sel.to(v.device)] for k, v in columns.items()}
-            scores = torch.stack([self.rewards[j].score_tensors(images[sel], sub).to(images.device) for j in idx], 1)
+            part_in, part_cols, part_images, part_ref = (
+                (inputs, columns, images, x_ref) if rows is None else _take((inputs, columns, images, x_ref), rows)
+            )
+            scores = torch.stack(
+                [self.rewards[j].score_tensors(part_images, part_cols).to(images.device) for j in idx], 1
+            )
             part, active = refl_loss(scores, self.reward_weights[idx], self.args.margin)
-            loss = loss + part * len(rows) / images.shape[0]
-            rows_in = {
-                k: [v[i] for i in rows] if isinstance(v, list) else v[sel.to(v.device)] for k, v in inputs.items()
-            }
-            self._record(task, t, idx, scores.detach(), active, rows_in, images[sel], x_ref[sel.to(x_ref.device)])
+            loss = part if rows is None else loss + part * len(rows) / images.shape[0]
+            self._record(task, t, idx, scores.detach(), active, part_in, part_images, part_ref)
         return (loss, {"images": images}) if return_outputs else loss
 
     def _record(self, task, t, idx, scores, active, inputs, images, x_ref) -> None:
@@ -300,6 +297,19 @@ def _task_rewards(task_mix: dict[str, float], rewards, names: list[str]) -> dict
             f"`task_mix` task(s) {', '.join(map(repr, empty))} have no reward: add a reward with that task"
         )
     return out
+
+
+def _take(parts: tuple, rows: list[int]) -> tuple:
+    """``rows`` of each part: a tensor (by index, on its own device), a list, or a dict of tensors and lists."""
+
+    def take(v):
+        if isinstance(v, dict):
+            return {k: take(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [v[i] for i in rows]
+        return v[torch.tensor(rows, device=v.device)]
+
+    return tuple(take(p) for p in parts)
 
 
 def _rows_by_task(tasks: list[str], task_mix: dict[str, float]) -> dict[str, list[int]]:
