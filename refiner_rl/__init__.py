@@ -32,6 +32,8 @@ _EXPORTS = {
     "score_batch": "refiner_rl.scoring",
     "evaluate": "refiner_rl.evaluation",
     "sample_images": "refiner_rl.sampling",
+    "RefinerPipeline": "refiner_rl.pipeline",
+    "load_refiner": "refiner_rl.refine",
     "UserError": "refiner_rl.errors",
     "ConfigError": "refiner_rl.errors",
     "DataError": "refiner_rl.errors",

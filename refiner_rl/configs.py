@@ -4,6 +4,7 @@ own config: ``TrlParser((ModelArguments, DataArguments, FlowSFTConfig))``)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -29,9 +30,12 @@ class ModelArguments:
     """How to build the policy.
 
     Loading:
-        model_name_or_path: ``tiny`` / ``tiny-kontext`` / ``tiny-fill`` (random tiny editors, CPU), a diffusers repo
-            id such as ``black-forest-labs/FLUX.1-Kontext-dev`` or ``black-forest-labs/FLUX.1-Fill-dev``, or a local
-            pipeline folder.
+        model_name_or_path: ``tiny`` / ``tiny-kontext`` / ``tiny-fill`` / ``tiny-qwen-edit`` (random tiny editors,
+            CPU), a diffusers repo id such as ``black-forest-labs/FLUX.1-Kontext-dev``,
+            ``black-forest-labs/FLUX.1-Fill-dev`` or ``Qwen/Qwen-Image-Edit-2511``, or a local pipeline folder.
+    Editor:
+        editor_options: the editor's own options (Qwen-Image-Edit: ``vl_condition_area``, ``vae_condition_area``);
+            saved with a trained model, which is then served with them.
     LoRA (peft):
         use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules, init_lora_path.
     """
@@ -39,7 +43,8 @@ class ModelArguments:
     model_name_or_path: str = field(
         default="tiny",
         metadata={
-            "help": "`tiny` / `tiny-fill` (tiny random editors), a diffusers repo id, or a local pipeline folder."
+            "help": "`tiny` / `tiny-fill` / `tiny-qwen-edit` (tiny random editors), a diffusers repo id, or a local "
+            "pipeline folder."
         },
     )
     tiny_model: dict | str | None = field(
@@ -75,7 +80,10 @@ class ModelArguments:
     )
     guidance_scale: float | None = field(
         default=None,
-        metadata={"help": "Embedded guidance; unset: the editor's default (Kontext 2.5, Fill 30)."},
+        metadata={
+            "help": "Embedded guidance; unset: the editor's default (Kontext 2.5, Fill 30; Qwen-Image-Edit has none "
+            "and guides with true_cfg_scale)."
+        },
     )
     max_sequence_length: int = field(default=512, metadata={"help": "T5 prompt length."})
     attention_backend: str = field(
@@ -90,14 +98,26 @@ class ModelArguments:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        metadata={"help": "Module names that get LoRA (default: attention + feed-forward, as in OmniRefiner)."},
+        metadata={
+            "help": "Module names that get LoRA (default: attention + feed-forward, as in OmniRefiner; on "
+            "Qwen-Image-Edit the FLUX feed-forward names stand for its image / text MLPs)."
+        },
     )
     init_lora_path: str | None = field(
         default=None, metadata={"help": "Start from this LoRA (e.g. the SFT stage's output folder)."}
     )
+    editor_options: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "The editor's own options as JSON, e.g. Qwen-Image-Edit's "
+            '\'{"vl_condition_area": 147456, "vae_condition_area": null}\' (null: conditions at their own size); '
+            "unset: the editor's defaults, or those saved with the model."
+        },
+    )
 
     def __post_init__(self):
         self.tiny_model = _as_dict(self.tiny_model, "tiny_model")
+        self.editor_options = _as_dict(self.editor_options, "editor_options")
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"`torch_dtype` must be auto, bfloat16, float16 or float32, got {self.torch_dtype!r}")
         if self.lora_r < 1:
@@ -146,7 +166,8 @@ class DataArguments:
         synthetic_records, synthetic_eval_records, synthetic_size, synthetic_seed, synthetic_curriculum (SFT: phases
         of geometry mixes, e.g. aligned first, then shifted and zoomed); the reference's geometry
         (synthetic_geometry and its synthetic_shift_fraction, synthetic_shift_step, synthetic_zoom_range, synthetic_warp,
-        synthetic_color_jitter), synthetic_degrade, synthetic_textures.
+        synthetic_color_jitter), synthetic_degrade, synthetic_textures, synthetic_references (several references per
+        record, the detail in the last).
     """
 
     dataset: str = field(
@@ -247,6 +268,13 @@ class DataArguments:
         default="classic",
         metadata={"help": "Detail kinds: classic (stripes, checkers, blocks, glyphs); extended adds noise, strokes."},
     )
+    synthetic_references: int = field(
+        default=1,
+        metadata={
+            "help": "References per synthetic record: the last holds the region's detail, the others are distractors "
+            "(other scenes' detail); more than one is for editors that take several (Qwen-Image-Edit)."
+        },
+    )
     synthetic_tasks: dict | str | None = field(
         default=None,
         metadata={
@@ -270,6 +298,11 @@ class DataArguments:
             self.synthetic_tasks = _as_dict(self.synthetic_tasks, "synthetic_tasks") or None
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.synthetic_references < 1 or (self.synthetic_tasks and self.synthetic_references != 1):
+            raise ConfigError(
+                f"synthetic_references must be >= 1 (and 1 with synthetic_tasks: task records have no reference), "
+                f"got {self.synthetic_references}"
+            )
         if self.synthetic_tasks and self.synthetic_curriculum:
             raise ConfigError(
                 "synthetic_tasks and synthetic_curriculum exclude each other (task records have no reference)"
@@ -307,6 +340,8 @@ class DataArguments:
                 degrade=self.synthetic_degrade,
                 textures=self.synthetic_textures,
             )
+            if self.synthetic_references != 1:
+                options["num_references"] = self.synthetic_references
             if self.synthetic_tasks:
                 n = self.synthetic_eval_records if eval else self.synthetic_records
                 seed = self.synthetic_seed + (1 if eval else 0)
@@ -365,6 +400,7 @@ def _curriculum(value) -> dict[str, float] | None:
 def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu"):
     """The editor described by ``model_args`` (its class picked by :func:`refiner_rl.policies.policy_class`), with
     its LoRA attached (or loaded) when asked."""
+    from refiner_rl.errors import ConfigError
     from refiner_rl.policies import policy_class
     from refiner_rl.policies.attention import set_attention_backend
     from refiner_rl.policies.base import TINY_EDITORS
@@ -374,8 +410,16 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
     cls = policy_class(name, model_args.revision)
     options = {"reference_id": model_args.reference_id, "reference_positions": model_args.reference_positions or "grid"}
     options = {k: v for k, v in options.items() if k in cls.option_names()}  # unset: the default
+    unknown = sorted(set(model_args.editor_options) - set(cls.option_names()))
+    if unknown:
+        raise ConfigError(
+            f"editor_options {unknown} are not options of {cls.__name__}; its options: "
+            f"{', '.join(cls.option_names()) or 'none'}"
+        )
+    options.update(model_args.editor_options)
     if name in TINY_EDITORS:
-        policy = cls.tiny(dtype=dtype, guidance_scale=model_args.guidance_scale, **options, **model_args.tiny_model)
+        tiny = {**model_args.tiny_model, **options}
+        policy = cls.tiny(dtype=dtype, guidance_scale=model_args.guidance_scale, **tiny)
         if model_args.transformer_path:
             policy.load_transformer(model_args.transformer_path)
         if dtype != torch.float32:
@@ -400,6 +444,14 @@ def build_policy(model_args: ModelArguments, device: torch.device | str = "cpu")
             "`init_lora_path` needs `use_lora: true` (the adapter is loaded into a LoRA of the same shape)"
         )
     set_attention_backend(policy.transformer, model_args.attention_backend, device)
+    # saved with a trained model (refiner_rl_model.json), so `refiner-rl refine` rebuilds what its weights sit on
+    transformer_path = model_args.transformer_path
+    policy.base_model = {
+        "model_name_or_path": name,
+        "revision": model_args.revision,
+        "transformer_path": os.path.abspath(transformer_path) if transformer_path else None,
+        "tiny_model": dict(model_args.tiny_model) if name in TINY_EDITORS else {},
+    }
     return policy.to(device)
 
 

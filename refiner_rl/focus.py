@@ -206,6 +206,9 @@ def crop_batch(
     the reference's size when it differs; right for aligned references); ``true`` cuts it at ``ref_boxes`` (boxes
     in the reference's own pixels, e.g. from :func:`focus_boxes` over where the region's detail lies in it, such as
     the synthetic records' ``ref_box``). A cropped reference is resized to ``ref_size`` (default ``size``).
+    Records with several references (``reference``, ``reference_2``, ...) get each one cut on its own: at the
+    draft's boxes scaled to its size, or with ``true`` at its own boxes (``ref_boxes`` a list, one ``[B, 4]`` per
+    reference); :attr:`FocusCrop.ref_boxes` holds the first one's.
     """
     mode = _crop_reference_mode(crop_reference)
     draft = batch["draft"]
@@ -219,20 +222,31 @@ def crop_batch(
         out["mask"] = crop_images(batch["mask"], boxes, size, nearest=True)
     used = None
     if mode != "false":
-        ref = batch.get("reference")
-        if ref is None:
+        from refiner_rl.data.records import reference_columns
+
+        columns = reference_columns(batch)
+        if not columns:
             raise DataError(f"focus_crop: crop_reference={mode} but the batch has no reference")
-        if mode == "same_box":
-            used = _scaled_boxes(boxes, full_size, (int(ref.shape[-2]), int(ref.shape[-1])))
-        elif ref_boxes is None:
+        several = isinstance(ref_boxes, (list, tuple)) and len(columns) > 1
+        if several and (len(ref_boxes) != len(columns) or any(b is None for b in ref_boxes)):
             raise ConfigError(
-                "focus_crop: crop_reference=true needs ref_boxes (where the region's detail is in the reference); "
-                "pass them, or use crop_reference=same_box for aligned references or false to keep it whole"
+                f"focus_crop: {len(ref_boxes)} sets of ref_boxes for {len(columns)} references; give one per reference"
             )
-        else:
-            used = torch.as_tensor(ref_boxes).to(dtype=torch.long, device=ref.device)
-            _check_boxes(used, ref.shape[0], (int(ref.shape[-2]), int(ref.shape[-1])), "reference box")
-        out["reference"] = crop_images(ref, used, ref_size if ref_size is not None else size)
+        for k, key in enumerate(columns):
+            ref = batch[key]
+            if mode == "same_box":
+                cut = _scaled_boxes(boxes, full_size, (int(ref.shape[-2]), int(ref.shape[-1])))
+            elif ref_boxes is None or (len(columns) > 1 and not several):
+                raise ConfigError(
+                    "focus_crop: crop_reference=true needs ref_boxes (where the region's detail is in the reference"
+                    f"{', a list with one per reference' if len(columns) > 1 else ''}); pass them, or use "
+                    "crop_reference=same_box for aligned references or false to keep it whole"
+                )
+            else:
+                cut = torch.as_tensor(ref_boxes[k] if several else ref_boxes).to(dtype=torch.long, device=ref.device)
+                _check_boxes(cut, ref.shape[0], (int(ref.shape[-2]), int(ref.shape[-1])), "reference box")
+            out[key] = crop_images(ref, cut, ref_size if ref_size is not None else size)
+            used = cut if k == 0 else used
     return FocusCrop(out, boxes, full_size, used, batch)
 
 
@@ -339,6 +353,12 @@ class FocusSettings:
         """:func:`focus_crop` of ``batch`` with these settings; boxes are multiples of ``multiple`` (the codec's
         size multiple) where the image allows. ``crop_reference=true`` reads the batch's ``ref_box`` column."""
         ref_boxes = batch.get("ref_box") if self.crop_reference == "true" else None
+        if ref_boxes is not None:
+            from refiner_rl.data.records import reference_columns
+
+            n = len(reference_columns(batch))
+            if n > 1:  # several references: one box column each (ref_box, ref_box_2, ...)
+                ref_boxes = [ref_boxes, *(batch.get(f"ref_box_{k}") for k in range(2, n + 1))]
         return focus_crop(
             batch,
             self.working_size(batch, multiple),

@@ -34,6 +34,11 @@ class ModelSettings:
     guidance_scale: float | None = None
     registration_scale_range: list[float] | None = None
     sampler: dict = field(default_factory=dict)
+    # what the weights sit on: model_name_or_path, revision, transformer_path (a LoRA's full fine-tune under it),
+    # tiny_model; None when the policy was not built by build_policy (``refiner-rl refine`` then asks for it)
+    base_model: dict | None = None
+    # the editor's own options beyond the fields above (Qwen-Image-Edit: vl_condition_area, vae_condition_area)
+    editor_options: dict = field(default_factory=dict)
     path: str | None = field(default=None, compare=False)  # the file it was read from (not written)
 
     def as_dict(self) -> dict:
@@ -113,10 +118,14 @@ def merge(saved: ModelSettings | None, explicit: dict, defaults: dict | None = N
 
 def sampler_defaults(args) -> dict:
     """The sampler settings a training config evaluated with (those of :data:`SAMPLER_KEYS` it has; SFT's sample
-    grids: ``sample_inference_steps`` as ``num_inference_steps``)."""
+    grids: ``sample_inference_steps`` as ``num_inference_steps``; ``focus``: the region-focus settings when
+    ``focus_crop`` is on)."""
     out = {k: getattr(args, k) for k in SAMPLER_KEYS if hasattr(args, k)}
     if "num_inference_steps" not in out and hasattr(args, "sample_inference_steps"):
         out["num_inference_steps"] = args.sample_inference_steps
+    focus = args.focus_settings() if hasattr(args, "focus_settings") else None
+    if focus is not None:
+        out["focus"] = dataclasses.asdict(focus)
     return out
 
 
@@ -133,14 +142,36 @@ def of_run(policy, dataset, args) -> ModelSettings:
         guidance_scale=float(guidance) if guidance is not None else None,
         registration_scale_range=[float(v) for v in scale_range] if scale_range else None,
         sampler=sampler_defaults(args),
+        base_model=dict(policy.base_model) if getattr(policy, "base_model", None) else None,
+        editor_options=editor_options(policy),
     )
+
+
+def editor_options(policy) -> dict:
+    """The policy's own options (``policy.options()``) that no other field of :class:`ModelSettings` holds."""
+    own = {f.name for f in dataclasses.fields(ModelSettings)}
+    options = policy.options() if hasattr(policy, "options") else {}
+    return {k: v for k, v in options.items() if k not in own}
+
+
+def merge_options(saved: ModelSettings | None, explicit: dict | None, what: str = "the model") -> dict:
+    """``editor_options`` to serve with: the saved ones, with the explicitly given ones added; an explicit option
+    that disagrees with the saved one raises ConfigError naming both and the file."""
+    stored = dict(saved.editor_options) if saved is not None else {}
+    for name, value in (explicit or {}).items():
+        if name in stored and stored[name] != value:
+            raise ConfigError(
+                f"editor_options {name} {value!r} disagrees with {stored[name]!r}, the option {what} was trained "
+                f"with ({saved.path or SETTINGS_FILE}): drop it to use the model's own, or give {stored[name]!r}"
+            )
+    return {**stored, **(explicit or {})}
 
 
 def check_same(saved: ModelSettings | None, current: ModelSettings, what: str) -> None:
     """ConfigError when ``current`` (a run about to resume) serves the model otherwise than ``saved`` says."""
     if saved is None:
         return
-    for name in ("kind", "reference_alignment", "reference_positions", "reference_id"):
+    for name in ("kind", "reference_alignment", "reference_positions", "reference_id", "editor_options"):
         if getattr(saved, name) != getattr(current, name):
             raise ConfigError(
                 f"{what}: {name} {getattr(current, name)!r} disagrees with {getattr(saved, name)!r}, the setting "

@@ -5,7 +5,7 @@ The GRPO rollout (SDE window + ODE elsewhere), held-out evaluation and the demo 
 by :func:`batch_text` (precomputed columns, or the policy's encoders), which SFT uses too.
 
 A batch is what :func:`refiner_rl.data.collate_triplets` returns: ``prompt``, ``index``, ``draft``,
-``reference`` (absent for mask-guided task records), ``mask`` (and ``target``, ``task``, ``prompt_embeds``,
+``reference`` (absent for mask-guided task records; ``reference_2``, ... for records with several), ``mask`` (and ``target``, ``task``, ``prompt_embeds``,
 ``pooled_prompt_embeds`` when the data has them). The editor reads its own condition columns
 (:attr:`EditorPolicy.condition_fields`).
 Samples with the same ``index`` share a record; a batch without ``index`` holds one record per sample.
@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from refiner_rl.data.records import reference_columns
 from refiner_rl.focus import FocusSettings
 from refiner_rl.policies.base import EditorPolicy
 from refiner_rl.policies.flux import Conditions, TextEmbeds
@@ -60,7 +61,8 @@ def batch_conditions(
     _, first, inverse = groups(_index(batch))
     dev = policy.device
     negative = [negative_prompt] * len(first) if negative_prompt is not None else None
-    rows = {k: batch[k][first] for k in policy.condition_fields if k in batch}
+    columns = (*policy.condition_fields, *reference_columns(batch), "index")  # every reference of a record
+    rows = {k: batch[k][first] for k in columns if k in batch}
     cond = policy.encode_batch(rows, batch_text(policy, batch, first), negative)
     return cond.select(inverse.to(dev)), inverse
 

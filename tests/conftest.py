@@ -14,6 +14,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# tiny checkpoints trained once per session, shared by the eval and refine tests
+from tests.trained_checkpoints import held_out, trained  # noqa: E402, F401
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

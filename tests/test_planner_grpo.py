@@ -131,6 +131,36 @@ def test_edit_runs_each_planned_step_and_saves_intermediates(edit_inputs, caplog
     assert list(images[1].getdata()) != list(images[2].getdata())  # the second step really ran on the first's output
 
 
+def test_edit_drives_a_qwen_image_edit_folder_through_the_plan(edit_inputs):
+    """`--editor` a tiny Qwen-Image-Edit Plus pipeline folder (model_index.json picks the editor): the same two-step
+    plan, each step on the previous step's output, intermediates saved."""
+    from PIL import Image
+
+    from refiner_rl.policies import QwenEditPolicy
+
+    root, _, planner = edit_inputs
+    folder = root / "qwen-edit"
+    if not folder.is_dir():
+        from refiner_rl import model_settings
+
+        editor = QwenEditPolicy.tiny()
+        editor.save_pretrained_components(str(folder))
+        # its small condition areas travel with it (a trained output writes this file itself)
+        model_settings.save(
+            model_settings.ModelSettings(kind="qwen_edit", editor_options=editor.options()), str(folder)
+        )
+    out = root / "planned-qwen"
+    argv = ["edit", "--planner", planner, "--editor", str(folder), "--image", str(root / "in.png")]
+    argv += ["--instruction", INSTRUCTION, "--output_dir", str(out), "--num_steps", "2", "--max_new_tokens", "48"]
+    assert main(argv) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["planned"] and len(plan["steps"]) == 2 and plan["images"] == ["step_01.png", "step_02.png"]
+    images = [Image.open(out / name) for name in ("input.png", "step_01.png", "step_02.png", "final.png")]
+    assert {im.size for im in images} == {images[0].size}
+    assert list(images[2].getdata()) == list(images[3].getdata())
+    assert list(images[1].getdata()) != list(images[2].getdata())
+
+
 def test_unparseable_plan_falls_back_to_the_raw_instruction(edit_inputs, caplog):
     root, tiny, _ = edit_inputs
     out = root / "fallback"

@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--editor_base",
-        default="tiny",
-        help="Base model under a full fine-tune or LoRA editor checkpoint (default: tiny)",
+        default=None,
+        help="Base model under a full fine-tune or LoRA editor checkpoint (default: the one saved with it, else tiny)",
     )
     p.add_argument(
         "--planner",
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Reference image the editor is conditioned on (default: the image being edited)",
     )
     p.add_argument(
+        "--mask",
+        default=None,
+        help="Region to edit (white), the size of --image (default: the whole image); a refiner editor pastes the "
+        "image back outside it when it was trained so",
+    )
+    p.add_argument(
         "--requests",
         default=None,
         help="JSONL of {image, instruction, reference?, id?}: evaluate planner vs no planner",
@@ -55,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge", default=None, help="VLM judge for --requests: a local VLM folder or an http(s) chat-completions URL"
     )
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--num_steps", type=int, default=10, help="Editor sampling steps per sub-edit")
+    p.add_argument(
+        "--num_steps",
+        type=int,
+        default=None,
+        help="Editor sampling steps per sub-edit (default: as the editor was trained, else 10)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None, help="Resize the input to about resolution^2 pixels")
     p.add_argument("--max_new_tokens", type=int, default=256, help="Planner answer length")
@@ -96,8 +107,12 @@ def edit_main(argv: list[str]) -> int:
         )
     if args.requests is not None and (not args.planner or not args.judge):
         raise ConfigError("edit --requests compares planner and no planner: give --planner and --judge too")
-    if args.image and not os.path.isfile(args.image):
-        raise ConfigError(f"edit: --image {args.image!r} does not exist")
+    for flag in ("image", "reference", "mask"):
+        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
+            raise ConfigError(f"edit: --{flag} {getattr(args, flag)!r} does not exist")
+    if args.mask and args.requests:
+        raise ConfigError("edit: --mask goes with one request (--image); --requests records carry no mask")
+    mask = _read_mask(args.mask, args.image) if args.mask else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     editor = load_editor(  # fails before planning
         args.editor,
@@ -126,6 +141,7 @@ def edit_main(argv: list[str]) -> int:
         args.instruction,
         planner=planner,
         reference=reference,
+        mask=mask,
         output_dir=args.output_dir,
         **edit_kwargs,
     )
@@ -136,3 +152,17 @@ def edit_main(argv: list[str]) -> int:
         )
     )
     return 0
+
+
+def _read_mask(path: str, image_path: str):
+    """The ``--mask`` image (8-bit grey); a DataError naming both files when its size is not the image's."""
+    from refiner_rl.data.images import header_size, load_image
+    from refiner_rl.errors import DataError
+
+    mask = load_image(path, base_dir=None, where=f"edit: --mask {path!r}", mask=True)
+    size = header_size(image_path, base_dir=None, where=f"edit: --image {image_path!r}")
+    if mask.size != size:
+        raise DataError(
+            f"edit: --mask {path!r} is {mask.size[0]}x{mask.size[1]} but --image {image_path!r} is {size[0]}x{size[1]}"
+        )
+    return mask

@@ -19,11 +19,14 @@ write it) is served as it was trained: references registered to the image when i
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
 
 from refiner_rl.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -47,10 +50,12 @@ def _lora_settings(path: str) -> dict:
 
 
 def editor_arguments(path: str, base: str = "tiny", **overrides):
-    """The :class:`~refiner_rl.configs.ModelArguments` that rebuild the editor stored at ``path``."""
+    """The :class:`~refiner_rl.configs.ModelArguments` that rebuild the editor stored at ``path``. ``overrides`` are
+    ModelArguments fields; ``transformer_path`` applies to a LoRA only (the full fine-tune under it)."""
     from refiner_rl.configs import ModelArguments
     from refiner_rl.policies.base import TINY_EDITORS
 
+    under_lora = overrides.pop("transformer_path", None)
     common = {"use_lora": False, **overrides}
     if path in TINY_EDITORS:
         return ModelArguments(model_name_or_path=path, **common)
@@ -64,41 +69,76 @@ def editor_arguments(path: str, base: str = "tiny", **overrides):
     if has["transformer"]:
         return ModelArguments(model_name_or_path=base, transformer_path=os.path.join(path, "transformer"), **common)
     if has[LORA_FILE]:
-        return ModelArguments(
-            model_name_or_path=base, **{**common, "use_lora": True, "init_lora_path": path, **_lora_settings(path)}
-        )
+        lora = {"use_lora": True, "init_lora_path": path, "transformer_path": under_lora, **_lora_settings(path)}
+        return ModelArguments(model_name_or_path=base, **{**common, **lora})
     raise CheckpointError(
         f"editor {path!r} holds neither transformer/ (a full fine-tune or a diffusers pipeline folder) nor "
         f"{LORA_FILE} (a LoRA); point --editor at a checkpoint folder written by refiner-rl"
     )
 
 
+def serving_values(saved, explicit: dict, strict: bool = True) -> dict:
+    """The settings to serve with (:func:`refiner_rl.model_settings.merge`). ``strict=False`` lets an explicit value
+    override the saved one, with a warning naming both (``refiner-rl refine``: any saved setting can be forced)."""
+    from refiner_rl import model_settings
+
+    if strict or saved is None:
+        return model_settings.merge(saved, explicit)
+    forced = {k: v for k, v in explicit.items() if v is not None and v != getattr(saved, k)}
+    for name, value in forced.items():
+        logger.warning(
+            "%s %r forced: the model was trained with %r (%s)", name, value, getattr(saved, name), saved.path
+        )
+    values = model_settings.merge(saved, {k: None if k in forced else v for k, v in explicit.items()})
+    return {**values, **forced}
+
+
 def load_editor(
     path: str,
     *,
-    base: str = "tiny",
+    base: str | None = None,
     device: str | torch.device = "cpu",
     torch_dtype: str = "auto",
     reference_alignment: str | None = None,
     reference_positions: str | None = None,
+    strict: bool = True,
+    transformer_path: str | None = None,
+    tiny_model: dict | None = None,
+    revision: str | None = None,
+    guidance_scale: float | None = None,
 ):
     """The frozen editor policy at ``path`` (see the module docstring), in eval mode on ``device``, served with the
     settings saved with it (``refiner_rl_model.json``): ``reference_alignment`` (kept as the policy's attribute of
-    that name, :func:`apply_edit` reads it), ``reference_positions``, ``reference_id`` and ``guidance_scale``.
-    ``reference_alignment`` / ``reference_positions`` given here (None = unset) must agree with the saved ones."""
+    that name, :func:`apply_edit` reads it), ``reference_positions``, ``reference_id``, ``guidance_scale`` and the
+    sampler it was evaluated with (``policy.saved_sampler``, a dict).
+    ``reference_alignment`` / ``reference_positions`` given here (None = unset) must agree with the saved ones, unless
+    ``strict=False`` (then they win, with a warning).
+
+    What a LoRA or full fine-tune sits on: ``base`` / ``transformer_path`` / ``tiny_model`` / ``revision`` when given,
+    else the base model saved with it (``base_model``), else ``tiny``."""
     from refiner_rl import model_settings
     from refiner_rl.configs import build_policy
     from refiner_rl.policies.base import TINY_EDITORS
 
     saved = model_settings.load(path) if path not in TINY_EDITORS else None
-    values = model_settings.merge(
-        saved, {"reference_alignment": reference_alignment, "reference_positions": reference_positions}
-    )
+    explicit = {"reference_alignment": reference_alignment, "reference_positions": reference_positions}
+    values = serving_values(saved, explicit, strict)
+    stored = (saved.base_model if saved is not None else None) or {}
+    base = base or stored.get("model_name_or_path") or "tiny"
     overrides = {"torch_dtype": torch_dtype, "reference_positions": values["reference_positions"]}
+    overrides["revision"] = revision if revision is not None else stored.get("revision")
+    overrides["transformer_path"] = transformer_path or stored.get("transformer_path")
+    overrides["tiny_model"] = tiny_model if tiny_model is not None else stored.get("tiny_model") or {}
     if saved is not None:  # edit has no flags for these: the model's own
         overrides["reference_id"] = saved.reference_id
+        overrides["editor_options"] = dict(saved.editor_options)
         if saved.guidance_scale is not None:
             overrides["guidance_scale"] = saved.guidance_scale
+    if guidance_scale is not None:
+        overrides["guidance_scale"] = guidance_scale
+    under = overrides["transformer_path"]
+    if under and os.path.isfile(os.path.join(path, LORA_FILE)) and not os.path.isdir(under):
+        raise CheckpointError(f"editor {path!r}: {under!r}, the fine-tuned transformer under its LoRA, does not exist")
     args = editor_arguments(path, base, **overrides)
     model_settings.check_kind(saved, args.model_name_or_path, f"editor {path!r}")
     try:
@@ -106,19 +146,30 @@ def load_editor(
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise CheckpointError(f"editor {path!r} (base {base!r}) does not load: {str(err).splitlines()[0]}") from err
+        raise CheckpointError(
+            f"editor {path!r} (base {base!r}{f', transformer {under!r}' if under else ''}) does not load: "
+            f"{str(err).splitlines()[0]} (give the base model it was trained from)"
+        ) from err
     policy.transformer.eval().requires_grad_(False)
     policy.reference_alignment = values["reference_alignment"]
     scale_range = saved.registration_scale_range if saved is not None else None
     policy.reference_registration = {"scale_range": tuple(scale_range)} if scale_range else {}
+    policy.saved_sampler = dict(saved.sampler) if saved is not None else {}
     return policy
 
 
-def sample_edit(policy, batch: dict, *, num_steps: int, seed: int) -> torch.Tensor:
-    """Edited images ``[B, 3, H, W]`` from the project's sampler (the one adapter between agents and sampling)."""
-    from refiner_rl.sampling import sample_images
+def sample_edit(policy, batch: dict, *, num_steps: int | None, seed: int) -> torch.Tensor:
+    """Edited images ``[B, 3, H, W]`` from the project's sampler (the one adapter between agents and sampling): the
+    sampler ``refiner-rl refine`` serves the editor with (:func:`refiner_rl.refine.sampler_settings`: its saved start
+    sigma, paste-back, true CFG, region focus and, unless ``num_steps`` is given, steps), noise keyed by ``(seed, i)``
+    for sample ``i``, so an edit with a mask equals ``refine`` of the same image set."""
+    from refiner_rl.evaluation.loop import sample_batch
+    from refiner_rl.refine import sampler_settings
 
-    return sample_images(policy, batch, num_steps=num_steps, seed=seed)
+    sampler, _ = sampler_settings(
+        getattr(policy, "saved_sampler", None) or {}, seed=seed, num_inference_steps=num_steps
+    )
+    return sample_batch(policy, {**batch, "index": torch.arange(len(batch["prompt"]))}, sampler)
 
 
 def fit_image(image, policy, resolution: int | None = None):
@@ -140,15 +191,23 @@ def register_to_draft(policy, draft: torch.Tensor, reference: torch.Tensor, mask
 
 
 @torch.no_grad()
-def apply_edit(policy, image, instruction: str, reference=None, *, num_steps: int = 10, seed: int = 0):
-    """One edit: ``image`` (the draft) edited by ``instruction``, conditioned on ``reference`` (default: the image
-    itself; an editor trained with ``reference_alignment: register`` gets it registered to the image and warped
-    into its frame); returns a PIL image of the same size."""
+def apply_edit(
+    policy, image, instruction: str, reference=None, *, mask=None, num_steps: int | None = 10, seed: int = 0
+):
+    """One edit: ``image`` (the draft) edited by ``instruction`` inside ``mask`` (a PIL image, white = edit; resized to
+    the image; default: the whole image), conditioned on ``reference`` (default: the image itself; an editor trained
+    with ``reference_alignment: register`` gets it registered to the image inside the mask and warped into its
+    frame); returns a PIL image of the same size."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
     draft = pil_to_tensor(image.convert("RGB"))[None].float() / 255.0
-    mask = torch.ones_like(draft[:, :1])
+    if mask is None:
+        mask = torch.ones_like(draft[:, :1])
+    else:
+        m = mask.convert("L")
+        m = m if m.size == image.size else m.resize(image.size, Image.NEAREST)
+        mask = (pil_to_tensor(m)[None].float() / 255.0 >= 0.5).float()
     if reference is None:
         ref = draft
     elif getattr(policy, "reference_alignment", "none") == "register":

@@ -116,13 +116,15 @@ def run_edit(
     *,
     planner: Planner | None = None,
     reference=None,
+    mask=None,
     output_dir: str,
-    num_steps: int = 10,
+    num_steps: int | None = 10,
     seed: int = 0,
     resolution: int | None = None,
 ) -> dict:
-    """Plan (when a planner is given), apply every step, save ``input.png``, ``step_XX.png``, ``final.png`` and
-    ``plan.json`` under ``output_dir``; returns the plan record (also the content of ``plan.json``)."""
+    """Plan (when a planner is given), apply every step (inside ``mask`` when given), save ``input.png``,
+    ``step_XX.png``, ``final.png`` and ``plan.json`` under ``output_dir``; returns the plan record (also the content of
+    ``plan.json``)."""
     from refiner_rl.agents.editor import apply_edit, fit_image
 
     os.makedirs(output_dir, exist_ok=True)
@@ -131,7 +133,7 @@ def run_edit(
     plan = planner.plan(current, instruction) if planner is not None else raw_plan(instruction)
     files = []
     for k, step in enumerate(plan.steps, 1):
-        current = apply_edit(editor, current, step, reference, num_steps=num_steps, seed=seed + k - 1)
+        current = apply_edit(editor, current, step, reference, mask=mask, num_steps=num_steps, seed=seed + k - 1)
         files.append(f"step_{k:02d}.png")
         current.save(os.path.join(output_dir, files[-1]))
     current.save(os.path.join(output_dir, "final.png"))

@@ -27,6 +27,7 @@ COMMANDS = {
         "list reward plug-ins, or score a folder of images with a recipe's rewards",
     ),
     "eval": ("refiner_rl.cli.eval", "main", "compare the draft, the base editor and checkpoints on held-out metrics"),
+    "refine": ("refiner_rl.cli.refine", "main", "apply a trained refiner to new drafts, as it was trained"),
     "planner": ("refiner_rl.agents.train", "planner_main", "train the edit planner VLM with TRL's GRPOTrainer"),
     "edit": ("refiner_rl.agents.cli", "edit_main", "plan an instruction into atomic edits and apply them one by one"),
     "reward-model": ("refiner_rl.onereward.cli", "main", "train the OneReward VLM judge on preference pairs"),

@@ -148,6 +148,9 @@ def train_main(stage: str, argv: list[str]) -> int:
     multiple = policy.size_multiple
     train = data_args.build(multiple=multiple)
     eval_ds = data_args.build(multiple=multiple, eval=True)
+    for ds in (train, eval_ds):  # a record with more references than the editor takes fails now, named
+        if ds is not None:
+            ds.check_references(getattr(policy, "max_references", 1), type(policy).__name__)
     logger.info(
         "%s on %d records (%d skipped)%s; policy %s, LoRA=%s",
         STAGES[stage][2],
@@ -175,6 +178,8 @@ def _apply_saved_settings(checkpoint: str, model_args, data_args) -> None:
     )
     data_args.reference_alignment = values["reference_alignment"]
     model_args.reference_positions = values["reference_positions"]
+    saved = model_settings.load(checkpoint)
+    model_args.editor_options = model_settings.merge_options(saved, model_args.editor_options, "the checkpoint")
 
 
 def _stage_types(stage: str) -> tuple:

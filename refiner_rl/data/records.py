@@ -30,6 +30,8 @@ from refiner_rl.data.validation import (
     Validated,
     ValidationReport,
     record_name,
+    reference_where,
+    references,
     validate_records,
 )
 from refiner_rl.errors import ConfigError, DataError
@@ -42,6 +44,7 @@ __all__ = [
     "fit_size",
     "load_records",
     "nearest_bucket",
+    "reference_columns",
     "validate_records",
 ]
 ITEM_FIELDS = ("prompt", "index", "draft", "mask")  # every item has these (and a triplet's its reference)
@@ -57,6 +60,17 @@ def fit_size(height: int, width: int, resolution: int | None, multiple: int) -> 
     return h, w
 
 
+def reference_columns(columns: dict) -> list[str]:
+    """The reference columns of an item or a batch, in order: ``reference`` (the first reference), then
+    ``reference_2``, ``reference_3``, ... for records with several; none for mask-guided task records."""
+    if columns.get("reference") is None:
+        return []
+    out = ["reference"]
+    while columns.get(f"reference_{len(out) + 1}") is not None:
+        out.append(f"reference_{len(out) + 1}")
+    return out
+
+
 def nearest_bucket(height: int, width: int, buckets: list[int]) -> int:
     """The bucket (a side length) closest to the image's own size, ``sqrt(H W)``."""
     side = (height * width) ** 0.5
@@ -66,7 +80,9 @@ def nearest_bucket(height: int, width: int, buckets: list[int]) -> int:
 class TripletDataset(Dataset):
     """Validated triplet records, decoded one item at a time.
 
-    Items: ``prompt`` (str), ``draft``/``target`` ``[3, H, W]``, ``reference`` ``[3, Hr, Wr]``, ``mask``
+    Items: ``prompt`` (str), ``draft``/``target`` ``[3, H, W]``, ``reference`` ``[3, Hr, Wr]`` (a record whose
+    ``reference`` is a list of N images: the first, and ``reference_2`` ... ``reference_N`` the others, each resized
+    and registered on its own; :func:`reference_columns`), ``mask``
     ``[1, H, W]`` (all ones when the record has none), ``index`` (int), and ``prompt_embeds`` /
     ``pooled_prompt_embeds`` when the record carries precomputed text embeddings. Pixel values are in [0, 1],
     decoded from any image mode to 8-bit RGB (``alpha_background`` says how transparency is flattened).
@@ -97,6 +113,7 @@ class TripletDataset(Dataset):
             )
         self.reference_alignment, self.registration = reference_alignment, dict(registration or {})
         self._transforms: dict[int, tuple[float, float, float, float]] = {}
+        self._extra_transforms: dict[int, list[tuple[float, float, float, float]]] = {}  # references 2..N
         source = load_records(records)
         if base_dir is not None:
             source = dataclasses.replace(source, base_dir=base_dir)
@@ -109,6 +126,7 @@ class TripletDataset(Dataset):
             n = len(source.dataset)
             v = Validated(np.arange(n), np.full((n, 4), -1), np.full(n, -1), ValidationReport(n))
         self._rows, self._sizes, self._has, self.report = v.rows, v.sizes, v.has, v.report
+        self._nrefs = v.nrefs if v.nrefs is not None else np.full(len(v.rows), -1)
         self.resolution, self.buckets, self.multiple = resolution, sorted(buckets) if buckets else None, multiple
         if validate and len(self):
             tasks = (self._has >> OPTIONAL_FIELDS.index("task")) & 1
@@ -150,11 +168,33 @@ class TripletDataset(Dataset):
         bit = 1 << OPTIONAL_FIELDS.index(name)
         return bool(np.all(self._has & bit))
 
-    def _image(self, record: dict, index: int, key: str, mask: bool = False) -> Image.Image:
+    def num_references(self, index: int) -> int:
+        """How many references item ``index`` has (0 for a mask-guided task record)."""
+        n = int(self._nrefs[index])
+        if n < 0:  # not validated: look at the record
+            r = self.record(index)
+            n = 0 if r.get("task") not in (None, "") else len(references(r))
+        return n
+
+    def check_references(self, max_references: int | None, editor: str) -> None:
+        """A :class:`DataError` naming the first record with more than ``max_references`` references (None: any
+        number), which ``editor`` cannot take."""
+        if max_references is None:
+            return
+        for i in range(len(self)):
+            n = self.num_references(i)
+            if n > max_references:
+                raise DataError(
+                    f"{record_name(self.record(i), i)}: {n} references, but {editor} takes "
+                    f"{'one' if max_references == 1 else max_references}; give that record a single reference or "
+                    "train an editor that takes several (Qwen-Image-Edit Plus)"
+                )
+
+    def _image(self, record: dict, index: int, key: str, mask: bool = False, value=None, where=None) -> Image.Image:
         return load_image(
-            record[key],
+            record[key] if value is None else value,
             base_dir=self.base_dir,
-            where=f"{record_name(record, index)}, field {key!r}",
+            where=where or f"{record_name(record, index)}, field {key!r}",
             mask=mask,
             alpha_background=self.alpha_background,
         )
@@ -167,6 +207,8 @@ class TripletDataset(Dataset):
         item = self._decode(index)
         if self.reference_alignment == "register":
             item["reference"] = self.align_reference(index, item)
+            for k, key in enumerate(reference_columns(item)[1:], 1):
+                item[key] = self._align(item, key, self._extra_transform(index, item, k))
         return item
 
     def _decode(self, index: int) -> dict:
@@ -175,14 +217,16 @@ class TripletDataset(Dataset):
             return self._decode_task(r, index)
         draft = self._image(r, index, "draft")
         h, w = self._size(*draft.size)
-        ref = self._image(r, index, "reference")
-        rh, rw = self._size(*ref.size)
-        item = {
-            "prompt": r["prompt"],
-            "index": index,
-            "draft": to_tensor(draft.resize((w, h), Image.BICUBIC)),
-            "reference": to_tensor(ref.resize((rw, rh), Image.BICUBIC)),
-        }
+        refs = references(r)
+        name = record_name(r, index)
+        refs = [
+            self._image(r, index, "reference", value=v, where=reference_where(name, k, len(refs)))
+            for k, v in enumerate(refs)
+        ]
+        item = {"prompt": r["prompt"], "index": index, "draft": to_tensor(draft.resize((w, h), Image.BICUBIC))}
+        for k, ref in enumerate(refs):
+            rh, rw = self._size(*ref.size)
+            item["reference" if k == 0 else f"reference_{k + 1}"] = to_tensor(ref.resize((rw, rh), Image.BICUBIC))
         if r.get("target") not in (None, ""):
             item["target"] = to_tensor(self._image(r, index, "target").resize((w, h), Image.BICUBIC))
         if r.get("mask") not in (None, ""):
@@ -231,11 +275,24 @@ class TripletDataset(Dataset):
         if num_workers is None:
             num_workers = min(os.cpu_count() or 1, 8) if len(todo) >= 64 else 0
         loader = torch.utils.data.DataLoader(_Registrations(self, todo), batch_size=None, num_workers=num_workers)
-        for i, transform in tqdm(loader, total=len(todo), desc="registering references", disable=not progress):
-            self._transforms[int(i)] = tuple(float(v) for v in transform)
+        for i, transforms in tqdm(loader, total=len(todo), desc="registering references", disable=not progress):
+            first, *rest = (tuple(float(v) for v in t) for t in transforms)
+            self._transforms[int(i)] = first
+            if rest:
+                self._extra_transforms[int(i)] = rest
 
-    def _register(self, item: dict) -> tuple[float, float, float, float]:
-        return register_reference(item["draft"], item["reference"], item["mask"], **self.registration)
+    def _register(self, item: dict, key: str = "reference") -> tuple[float, float, float, float]:
+        return register_reference(item["draft"], item[key], item["mask"], **self.registration)
+
+    def _extra_transform(self, index: int, item: dict, k: int) -> tuple[float, float, float, float]:
+        """The registration of reference ``k + 1`` (1-based ``k``: ``reference_{k + 1}``), found once and kept."""
+        if index not in self._extra_transforms:
+            self._extra_transforms[index] = [self._register(item, key) for key in reference_columns(item)[1:]]
+        return self._extra_transforms[index][k - 1]
+
+    def _align(self, item: dict, key: str, transform) -> torch.Tensor:
+        s, ox, oy, _ = transform
+        return warp_reference(item[key], (s, ox, oy), tuple(item["draft"].shape[-2:]), "bilinear").clamp(0, 1)
 
     def align_reference(self, index: int, item: dict) -> torch.Tensor:
         """Item ``index``'s reference registered to its draft inside the mask and warped into the draft's frame
@@ -243,15 +300,19 @@ class TripletDataset(Dataset):
         (``reference_transforms``)."""
         if index not in self._transforms:
             self._transforms[index] = self._register(item)
-        s, ox, oy, _ = self._transforms[index]
-        return warp_reference(item["reference"], (s, ox, oy), tuple(item["draft"].shape[-2:]), "bilinear").clamp(0, 1)
+        return self._align(item, "reference", self._transforms[index])
 
     @property
     def reference_transforms(self) -> dict[int, tuple[float, float, float, float]]:
         """``{index: (s, ox, oy, cost)}`` of the items registered so far (``reference_alignment: register``): the
         reference pixel ``s * (x + 0.5) + o`` shows draft pixel ``x``; ``cost`` is the match's mean squared
-        difference."""
+        difference. Of the first reference; :attr:`extra_reference_transforms` holds the others'."""
         return dict(self._transforms)
+
+    @property
+    def extra_reference_transforms(self) -> dict[int, list[tuple[float, float, float, float]]]:
+        """``{index: [transform of reference 2, ..., of reference N]}`` of the registered items with several."""
+        return {i: list(t) for i, t in self._extra_transforms.items()}
 
     def with_reference_alignment(self, alignment: str, registration: dict | None = None) -> TripletDataset:
         """This dataset serving references with ``alignment`` (``none`` or ``register``): itself when it already
@@ -261,7 +322,7 @@ class TripletDataset(Dataset):
         if alignment == self.reference_alignment and (not registration or dict(registration) == self.registration):
             return self
         out = copy.copy(self)
-        out.reference_alignment, out._transforms = alignment, {}
+        out.reference_alignment, out._transforms, out._extra_transforms = alignment, {}, {}
         out.registration = dict(registration or self.registration)
         if alignment == "register":
             out.register_references(progress=False)
@@ -277,13 +338,22 @@ class TripletDataset(Dataset):
             keys = ("image", "image") if r.get("task") not in (None, "") else ("draft", "reference")
             w, h = header_size(r[keys[0]], base_dir=self.base_dir, where=f"{name}, field {keys[0]!r}")
             rw, rh = header_size(r[keys[1]], base_dir=self.base_dir, where=f"{name}, field {keys[1]!r}")
-        if self.reference_alignment == "register":  # the reference is warped into the draft's frame
-            return (*self._size(w, h),) * 2
-        return (*self._size(w, h), *self._size(rw, rh))
+        n = self.num_references(index)
+        if self.reference_alignment == "register":  # every reference is warped into the draft's frame
+            return (*self._size(w, h),) * (1 + max(n, 1))
+        extra = []
+        if n > 1:  # several references: each one's size is part of the key (so is their number)
+            r = self.record(index)
+            name = record_name(r, index)
+            for k, ref in enumerate(references(r)[1:], 1):
+                ew, eh = header_size(ref, base_dir=self.base_dir, where=reference_where(name, k, n))
+                extra += self._size(ew, eh)
+        return (*self._size(w, h), *self._size(rw, rh), *extra)
 
 
 class _Registrations(Dataset):
-    """Item ``k``: ``(index, (s, ox, oy, cost))``, the registration of the dataset's item ``todo[k]``."""
+    """Item ``k``: ``(index, [(s, ox, oy, cost), ...])``, the registrations of the N references of the dataset's item
+    ``todo[k]``."""
 
     def __init__(self, dataset: TripletDataset, todo: list[int]):
         self.dataset, self.todo = dataset, todo
@@ -293,7 +363,8 @@ class _Registrations(Dataset):
 
     def __getitem__(self, k: int):
         i = self.todo[k]
-        return i, self.dataset._register(self.dataset._decode(i))
+        item = self.dataset._decode(i)
+        return i, [self.dataset._register(item, key) for key in reference_columns(item)]
 
 
 def extend_mask(height: int, width: int, margin: float) -> torch.Tensor:
@@ -315,7 +386,8 @@ def condition_image(columns: dict, i: int | None = None) -> torch.Tensor:
 
 
 def collate_triplets(items: Iterable[dict]) -> dict:
-    """Stack items of one size bucket into a batch; a clear error when sizes differ."""
+    """Stack items of one size bucket into a batch; a clear error when sizes or numbers of references differ (a
+    batch holds records with the same number of references: ``reference``, ``reference_2``, ...)."""
     items = list(items)
     out: dict[str, Any] = {
         "prompt": [it["prompt"] for it in items],
@@ -323,7 +395,15 @@ def collate_triplets(items: Iterable[dict]) -> dict:
     }
     if "task" in items[0]:
         out["task"] = [it.get("task") for it in items]
-    for key in ("draft", "reference", "target", "mask", "prompt_embeds", "pooled_prompt_embeds"):
+    counts = [len(reference_columns(it)) for it in items]
+    if len(set(counts)) > 1:
+        raise DataError(
+            f"records {[it['index'] for it in items]} have {counts} references in one batch: a batch holds records "
+            "with the same number of references; use `buckets` (batches are then drawn per bucket) or "
+            "per_device_train_batch_size 1"
+        )
+    extra = reference_columns(items[0])[1:]
+    for key in ("draft", "reference", *extra, "target", "mask", "prompt_embeds", "pooled_prompt_embeds"):
         if key not in items[0]:
             continue
         shapes = {tuple(it[key].shape) for it in items}

@@ -66,6 +66,9 @@ def _undecoded(ds: datasets.Dataset) -> datasets.Dataset:
     for key, feature in ds.features.items():
         if isinstance(feature, datasets.Image) and feature.decode:
             ds = ds.cast_column(key, datasets.Image(decode=False))
+        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):  # several references
+            if feature.feature.decode:
+                ds = ds.cast_column(key, datasets.List(datasets.Image(decode=False)))
     return ds
 
 
@@ -123,6 +126,16 @@ def _from_list(records) -> datasets.Dataset:
         if not isinstance(r, dict):
             raise DataError(f"record {i}: expected a dict, got {type(r).__name__}")
     keys = list(dict.fromkeys(k for r in records for k in r))
+    if any(isinstance(r.get("reference"), (list, tuple)) for r in records):  # one column: every reference a list
+        records = [
+            {
+                **r,
+                "reference": r["reference"]
+                if isinstance(r.get("reference"), (list, tuple, type(None)))
+                else [r["reference"]],
+            }
+            for r in records
+        ]
     try:
         return datasets.Dataset.from_dict({k: [r.get(k) for r in records] for k in keys})
     except Exception as e:  # pyarrow: a field holding different kinds of values (image and path, text and number)

@@ -222,12 +222,24 @@ def make_triplet(
     color_jitter: float = 0.2,
     degrade: str = "pool",
     textures: str = "classic",
+    num_references: int = 1,
+    detail_reference: int = -1,
 ) -> dict:
     """One synthetic record with PIL images (``target``, ``draft``, ``reference``, ``mask``) and the reference's
-    geometry (module docstring). ``ref_shift`` jitters the ``aligned`` geometry only."""
+    geometry (module docstring). ``ref_shift`` jitters the ``aligned`` geometry only.
+
+    With ``num_references > 1`` the ``reference`` is a list of that many images: the one at ``detail_reference``
+    (default the last) is the reference above, the others distractors: other scenes with other fine detail drawn
+    in the same geometry, so only that one holds the region's detail (``ref_index`` names it; the ``ref_*``
+    geometry fields describe it). Drawn after everything else, so the first record's own images do not change."""
     opts = _check_options(
         size, region, geometry, shift_fraction, shift_step, zoom_range, warp, color_jitter, degrade, textures
     )
+    if int(num_references) < 1 or not -int(num_references) <= int(detail_reference) < int(num_references):
+        raise ConfigError(
+            f"synthetic num_references must be >= 1 and detail_reference an index into them, got {num_references} "
+            f"and {detail_reference}"
+        )
     probs = opts["geometry"]
     kind = next(iter(probs)) if len(probs) == 1 else str(rng.choice(list(probs), p=list(probs.values())))
     side = max(4, int(round(size * region)))
@@ -263,7 +275,7 @@ def make_triplet(
     def im(a):
         return Image.fromarray(a.astype(np.uint8))
 
-    return {
+    out = {
         "prompt": PROMPT,
         "target": im(target),
         "draft": im(draft),
@@ -274,6 +286,25 @@ def make_triplet(
         "ref_transform": [round(float(v), 6) for v in t.ravel()],
         "ref_color": [round(v, 6) for v in color],
     }
+    if num_references > 1:
+        k = int(detail_reference) % int(num_references)
+        distractors = [_distractor(rng, size, pad, t, kind, side, y0, x0, textures) for _ in range(num_references - 1)]
+        out["reference"] = [im(d) for d in distractors[:k]] + [out["reference"]] + [im(d) for d in distractors[k:]]
+        out["ref_index"] = k
+    return out
+
+
+def _distractor(rng, size: int, pad: int, t: np.ndarray, kind: str, side: int, y0: int, x0: int, textures: str):
+    """A reference like the true one, drawn through the same target-to-reference matrix ``t``, of another scene
+    whose region holds other fine detail."""
+    canvas = _coarse_pattern(rng, size, pad)
+    canvas[y0 + pad : y0 + pad + side, x0 + pad : x0 + pad + side] = _fine_detail(rng, side, side, TEXTURES[textures])
+    if kind == "aligned":
+        ry, rx = int(round(y0 + t[1, 2])), int(round(x0 + t[0, 2]))
+        reference = _coarse_pattern(rng, size)
+        reference[ry : ry + side, rx : rx + side] = canvas[y0 + pad : y0 + pad + side, x0 + pad : x0 + pad + side]
+        return reference
+    return _render(canvas, pad, t, size)
 
 
 def _check_options(
@@ -319,7 +350,7 @@ def synthetic_records(
 ) -> list[dict]:
     """``n`` in-memory records; the same seed and options give the same records. ``geometry_options`` are the
     keyword options of :func:`make_triplet` (``geometry``, ``shift_fraction``, ``zoom_range``, ``warp``,
-    ``color_jitter``, ``degrade``, ``textures``)."""
+    ``color_jitter``, ``degrade``, ``textures``, ``num_references``, ``detail_reference``)."""
     rng = np.random.default_rng(seed)
     return [
         dict(make_triplet(rng, size, region, ref_shift, **geometry_options), id=f"syn-{seed}-{i}") for i in range(n)
@@ -328,12 +359,18 @@ def synthetic_records(
 
 def write_synthetic_dataset(folder: str, n: int, seed: int = 0, size: int = 32, **kwargs) -> str:
     """Write ``n`` records as PNG files plus ``records.jsonl`` (paths relative to ``folder``; the ``ref_*``
-    geometry fields are written as they are)."""
+    geometry fields are written as they are; several references as a list of paths)."""
     os.makedirs(folder, exist_ok=True)
     lines = []
     for rec in synthetic_records(n, seed, size, **kwargs):
-        row = {k: v for k, v in rec.items() if not isinstance(v, Image.Image)}
-        for key in ("target", "draft", "reference", "mask"):
+        images = ("target", "draft", "reference", "mask")
+        row = {k: v for k, v in rec.items() if k not in images}
+        for key in images:
+            if isinstance(rec[key], list):
+                row[key] = [f"{rec['id']}_{key}_{j}.png" for j in range(len(rec[key]))]
+                for name, image in zip(row[key], rec[key]):
+                    image.save(os.path.join(folder, name))
+                continue
             name = f"{rec['id']}_{key}.png"
             rec[key].save(os.path.join(folder, name))
             row[key] = name

@@ -3,8 +3,9 @@
 Each record is checked by decoding every image (:mod:`refiner_rl.data.images`): a missing field or file, an
 unreadable image, decoded values out of range, a size mismatch between target, draft and mask, or an empty mask
 gives a :class:`RecordError` naming the record and the field; a JSONL line that is not a JSON object names the
-file and the line. The pass stores, per record, the error (or none), the draft and reference sizes (so bucketing
-never opens an image again) and which optional fields the record has.
+file and the line. A record's ``reference`` is one image or a list of them, each checked on its own (named
+``field 'reference' [k]`` in a list). The pass stores, per record, the error (or none), the draft and first reference
+sizes (so bucketing never opens an image again), which optional fields the record has and how many references.
 
 Cache: for a file-backed source the pass writes ``refiner-rl-validation-<fingerprint>.arrow`` next to the
 source's own ``datasets`` cache files, where ``<fingerprint>`` hashes the source dataset's fingerprint (for a
@@ -32,7 +33,7 @@ from refiner_rl.errors import DataError
 logger = logging.getLogger(__name__)
 
 # Bump when validation rules change, so cached results of older rules are not reused.
-VALIDATION_FORMAT = 2
+VALIDATION_FORMAT = 3
 IMAGE_FIELDS = ("draft", "reference", "target", "mask")
 REQUIRED_FIELDS = ("prompt", "draft", "reference", "target")
 OPTIONAL_FIELDS = ("target", "mask", "prompt_embeds", "pooled_prompt_embeds", "reference", "task")
@@ -44,7 +45,7 @@ SHOWN_SKIPS = 10  # skipped records named in the warning; the rest are counted
 _FEATURES = datasets.Features(
     {
         "_error": datasets.Value("string"),
-        **{k: datasets.Value("int32") for k in ("_h", "_w", "_rh", "_rw", "_has")},
+        **{k: datasets.Value("int32") for k in ("_h", "_w", "_rh", "_rw", "_has", "_nref")},
     }
 )
 
@@ -55,6 +56,19 @@ class RecordError(DataError):
 
 def _empty(value) -> bool:
     return value is None or (isinstance(value, str) and value == "")
+
+
+def references(record: dict) -> list:
+    """A record's references as a list: ``reference`` is one image (path, bytes, image) or a list of them."""
+    value = record.get("reference")
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [] if _empty(value) else [value]
+
+
+def reference_where(name: str, k: int, n: int) -> str:
+    """Where reference ``k`` (0-based) of ``n`` is, for messages: ``field 'reference'``, or ``[k]`` of a list."""
+    return f"{name}, field 'reference'" + (f" [{k}]" if n > 1 else "")
 
 
 def record_name(record: dict, index: int) -> str:
@@ -68,14 +82,21 @@ def check_record(record: dict, index: int, base_dir: str | None, alpha_backgroun
     name = record_name(record, index)
     if not _empty(record.get("task")):
         return _check_task_record(record, name, base_dir, alpha_background)
+    refs = references(record)
     for key in REQUIRED_FIELDS:
-        if _empty(record.get(key)):
+        if _empty(record.get(key)) or (key == "reference" and not refs):
             raise RecordError(f"{name}: missing field {key!r}")
     if not isinstance(record["prompt"], str):
         raise RecordError(f"{name}, field 'prompt': expected text, got {type(record['prompt']).__name__}")
     sizes = {}
     for key in IMAGE_FIELDS:
-        if not _empty(record.get(key)):
+        if key == "reference":  # each of several references on its own; the first one's size is kept
+            for k, ref in enumerate(refs):
+                where = reference_where(name, k, len(refs))
+                if _empty(ref):
+                    raise RecordError(f"{where}: empty (give an image path or image)")
+                sizes.setdefault(key, _image_size({key: ref}, key, name, base_dir, alpha_background, where))
+        elif not _empty(record.get(key)):
             sizes[key] = _image_size(record, key, name, base_dir, alpha_background)
     base = sizes["target"]
     for key in ("draft", "mask"):
@@ -88,14 +109,16 @@ def check_record(record: dict, index: int, base_dir: str | None, alpha_backgroun
     return h, w, rh, rw
 
 
-def _image_size(record: dict, key: str, name: str, base_dir: str | None, alpha_background: str) -> tuple[int, int]:
+def _image_size(
+    record: dict, key: str, name: str, base_dir: str | None, alpha_background: str, where: str | None = None
+) -> tuple[int, int]:
     """``(w, h)`` of the record's image field ``key``, decoded to check it; a RecordError naming the record and field
     (an empty mask too)."""
     try:
         img = load_image(
             record[key],
             base_dir=base_dir,
-            where=f"{name}, field {key!r}",
+            where=where or f"{name}, field {key!r}",
             mask=key == "mask",
             alpha_background=alpha_background,
         )
@@ -145,9 +168,10 @@ def _validate_row(row: dict, index: int, *, base_dir, name, jsonl, alpha_backgro
         record = parse_jsonl_row(row, name) if jsonl else row
         h, w, rh, rw = check_record(record, index, base_dir, alpha_background)
     except DataError as e:
-        return {"_error": str(e), "_h": -1, "_w": -1, "_rh": -1, "_rw": -1, "_has": 0}
+        return {"_error": str(e), "_h": -1, "_w": -1, "_rh": -1, "_rw": -1, "_has": 0, "_nref": 0}
     has = sum(1 << i for i, k in enumerate(OPTIONAL_FIELDS) if not _empty(record.get(k)))
-    return {"_error": None, "_h": h, "_w": w, "_rh": rh, "_rw": rw, "_has": has}
+    nref = 0 if not _empty(record.get("task")) else len(references(record))
+    return {"_error": None, "_h": h, "_w": w, "_rh": rh, "_rw": rw, "_has": has, "_nref": nref}
 
 
 @dataclass
@@ -161,12 +185,14 @@ class ValidationReport:
 
 @dataclass
 class Validated:
-    """Per kept record: its row in the source (``rows``), sizes ``[n, 4]`` (h, w, rh, rw), optional-field bits."""
+    """Per kept record: its row in the source (``rows``), sizes ``[n, 4]`` (h, w, rh, rw; of the first reference),
+    optional-field bits, and the number of references (``nrefs``; 0 for a task record, -1 when not validated)."""
 
     rows: np.ndarray
     sizes: np.ndarray
     has: np.ndarray
     report: ValidationReport
+    nrefs: np.ndarray | None = None
 
 
 def _cache_file(ds: datasets.Dataset, fingerprint: str) -> str | None:
@@ -206,6 +232,7 @@ def validate_records(
     rows = np.flatnonzero(errors.is_null().to_numpy(zero_copy_only=False))
     sizes = np.stack([table.column(k).to_numpy()[rows] for k in ("_h", "_w", "_rh", "_rw")], axis=1)
     has = table.column("_has").to_numpy()[rows]
+    nrefs = table.column("_nref").to_numpy()[rows]
     if skipped:
         shown = "\n  ".join(skipped[:SHOWN_SKIPS])
         more = f"\n  and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
@@ -215,4 +242,4 @@ def validate_records(
     if not len(rows):
         raise RecordError(f"{source.name}: no valid record left after validation")
     logger.info("%s: %d records (%d skipped)%s", source.name, len(rows), len(skipped), " [cached]" if cached else "")
-    return Validated(rows, sizes, has, ValidationReport(len(rows), skipped, cached))
+    return Validated(rows, sizes, has, ValidationReport(len(rows), skipped, cached), nrefs)

@@ -150,6 +150,14 @@ def load_candidate(c: Candidate, model_args, device):
         return None
     kind, path = check_candidate(c)
     args = dataclasses.replace(model_args, use_lora=False, init_lora_path=None)
+    if c.checkpoint not in SPECIAL:  # served with the editor options it was trained with
+        from refiner_rl import model_settings
+
+        try:
+            saved = model_settings.load(c.checkpoint)
+            args.editor_options = model_settings.merge_options(saved, model_args.editor_options, "the checkpoint")
+        except ConfigError as err:
+            raise ConfigError(f"candidate {c.name!r}: {err}") from err
     if c.transformer_path:
         args.transformer_path = c.transformer_path
     try:

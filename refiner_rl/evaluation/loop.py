@@ -58,11 +58,13 @@ def load_batch(dataset, idx: Sequence[int]) -> dict:
 
 
 @torch.no_grad()
-def sample_batch(policy, batch: dict, sampler: SamplerSettings, transformer=None) -> torch.Tensor:
-    """The policy's outputs ``[B, 3, H, W]`` (CPU, [0, 1]) for a collated batch; the draft itself for ``None``."""
+def sample_batch(policy, batch: dict, sampler: SamplerSettings, transformer=None, generators=None) -> torch.Tensor:
+    """The policy's outputs ``[B, 3, H, W]`` (CPU, [0, 1]) for a collated batch; the draft itself for ``None``.
+    Record ``i``'s noise: ``keyed_generator(sampler.seed, i)``, or ``generators`` (one per sample) when given."""
     if policy is None:
         return batch["draft"].float().cpu()
-    generators = [keyed_generator(sampler.seed, int(i)) for i in batch["index"]]
+    if generators is None:
+        generators = [keyed_generator(sampler.seed, int(i)) for i in batch["index"]]
     return sample_images(
         policy,
         batch,

@@ -1,7 +1,9 @@
-"""Editor adapters behind one interface (:mod:`refiner_rl.policies.base`): FLUX.1-Kontext and FLUX.1-Fill."""
+"""Editor adapters behind one interface (:mod:`refiner_rl.policies.base`): FLUX.1-Kontext, FLUX.1-Fill and
+Qwen-Image-Edit Plus."""
 
 from refiner_rl.policies.base import EditorPolicy, editor_class, editor_kinds, pipeline_name, policy_class
-from refiner_rl.policies.codec import Codec, PixelUnshuffleCodec, VAECodec
+from refiner_rl.policies.codec import Codec, PixelUnshuffleCodec, QwenVAECodec, VAECodec
+from refiner_rl.policies.editor import LatentEditor
 from refiner_rl.policies.fill import FillPolicy
 from refiner_rl.policies.flux import (
     DEFAULT_LORA_TARGETS,
@@ -13,6 +15,7 @@ from refiner_rl.policies.flux import (
     unpack_latents,
 )
 from refiner_rl.policies.kontext import KontextPolicy
+from refiner_rl.policies.qwen_edit import QwenEditPolicy
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -22,7 +25,10 @@ __all__ = [
     "FillPolicy",
     "FluxPolicy",
     "KontextPolicy",
+    "LatentEditor",
     "PixelUnshuffleCodec",
+    "QwenEditPolicy",
+    "QwenVAECodec",
     "TextEmbeds",
     "VAECodec",
     "editor_class",

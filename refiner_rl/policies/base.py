@@ -33,9 +33,15 @@ from refiner_rl.errors import ConfigError
 EDITORS = {
     "FluxKontextPipeline": "refiner_rl.policies.kontext:KontextPolicy",
     "FluxFillPipeline": "refiner_rl.policies.fill:FillPolicy",
+    "QwenImageEditPlusPipeline": "refiner_rl.policies.qwen_edit:QwenEditPolicy",
 }
 # the embedded tiny editors (random weights, built from configs) by name
-TINY_EDITORS = {"tiny": "FluxKontextPipeline", "tiny-kontext": "FluxKontextPipeline", "tiny-fill": "FluxFillPipeline"}
+TINY_EDITORS = {
+    "tiny": "FluxKontextPipeline",
+    "tiny-kontext": "FluxKontextPipeline",
+    "tiny-fill": "FluxFillPipeline",
+    "tiny-qwen-edit": "QwenImageEditPlusPipeline",
+}
 # read when a local folder has no model_index.json (folders written before editors were told apart)
 DEFAULT_PIPELINE = "FluxKontextPipeline"
 
@@ -43,7 +49,7 @@ DEFAULT_PIPELINE = "FluxKontextPipeline"
 @runtime_checkable
 class EditorPolicy(Protocol):
     """The interface above (module docstring). Implementations: :class:`~refiner_rl.policies.kontext.KontextPolicy`,
-    :class:`~refiner_rl.policies.fill.FillPolicy`."""
+    :class:`~refiner_rl.policies.fill.FillPolicy`, :class:`~refiner_rl.policies.qwen_edit.QwenEditPolicy`."""
 
     kind: str
     pipeline_class_name: str
@@ -109,7 +115,7 @@ def editor_class(pipeline_class_name: str) -> type:
 
 
 def editor_kinds() -> dict[str, type]:
-    """``{kind: editor class}`` of every supported editor (``kontext``, ``fill``)."""
+    """``{kind: editor class}`` of every supported editor (``kontext``, ``fill``, ``qwen_edit``)."""
     return {cls.kind: cls for cls in map(editor_class, EDITORS)}
 
 

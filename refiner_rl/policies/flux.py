@@ -16,21 +16,27 @@ recomputed in training equals the one stored at rollout by construction. A subcl
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from refiner_rl.errors import MissingFileError
 from refiner_rl.policies.codec import Codec, VAECodec
+from refiner_rl.policies.editor import LatentEditor, pack_latents, scheduler_config, unpack_latents, unwrap
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "FLUX_SCHEDULER",
+    "Conditions",
+    "FluxPolicy",
+    "TextEmbeds",
+    "image_ids",
+    "pack_latents",
+    "unpack_latents",
+]
 
 # Attention and feed-forward projections of the MM-DiT blocks (OmniRefiner puts LoRA there); the names
 # also match the single-stream blocks' attention.
@@ -61,21 +67,6 @@ FLUX_SCHEDULER = {
     "base_shift": 0.5,
     "max_shift": 1.15,
 }
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: Flux's 2x2 patch packing."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents` for a latent grid ``h x w`` (both even)."""
-    b, _, d = tokens.shape
-    c = d // 4
-    x = tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h, w)
 
 
 def image_ids(grid_h: int, grid_w: int, index: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -131,16 +122,16 @@ class Conditions:
         )
 
 
-class FluxPolicy:
+class FluxPolicy(LatentEditor):
     """A FLUX.1 editor seen as a policy over latent trajectories (subclasses: one per FLUX.1 pipeline).
 
     Frozen parts (codec, text encoders) stay in ``eval()`` with no grad; only ``transformer`` trains (its LoRA
-    adapter, or all of it)."""
+    adapter, or all of it). Options, LoRA and the codec round trip come from
+    :class:`~refiner_rl.policies.editor.LatentEditor`."""
 
-    kind: ClassVar[str] = ""  # the name in ``tiny-<kind>`` and the saved model settings
-    pipeline_class_name: ClassVar[str] = ""  # the diffusers pipeline this editor is (model_index.json's _class_name)
-    condition_fields: ClassVar[tuple[str, ...]] = ()  # batch columns :meth:`encode_batch` reads
+    transformer_class_name: ClassVar[str] = "FluxTransformer2DModel"
     default_guidance_scale: ClassVar[float] = 3.5
+    default_lora_targets: ClassVar[tuple[str, ...]] = DEFAULT_LORA_TARGETS
 
     def __init__(
         self,
@@ -165,9 +156,13 @@ class FluxPolicy:
         self.dtype = dtype
         self.scheduler_config = dict(FLUX_SCHEDULER if scheduler_config is None else scheduler_config)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for m in (codec, text_encoder, text_encoder_2):
-            if m is not None:
-                m.eval().requires_grad_(False)
+        self._freeze()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.codec, self.text_encoder, self.text_encoder_2]
+
+    def _clear_caches(self) -> None:
+        self._text_cache.clear()
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -191,40 +186,6 @@ class FluxPolicy:
             dtype=dtype,
             **options,
         )
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        """Constructor options of this editor beyond the shared ones (model settings that travel with it)."""
-        return ()
-
-    def options(self) -> dict:
-        """This editor's own settings (:meth:`option_names`) as they are now."""
-        return {k: getattr(self, k) for k in self.option_names()}
-
-    def load_transformer(self, path: str) -> None:
-        """Replace the transformer's weights with a full fine-tune saved by ``save_pretrained`` (safetensors only).
-
-        The architecture must match: a checkpoint of another shape fails with both configs named."""
-        from diffusers import FluxTransformer2DModel
-
-        if not os.path.isdir(path):
-            raise MissingFileError(
-                f"transformer folder {path!r} does not exist (expected a save_pretrained output with config.json)"
-            )
-        loaded = FluxTransformer2DModel.from_pretrained(path, torch_dtype=self.dtype, use_safetensors=True)
-
-        def plain(cfg):  # JSON round trip: tuples become lists
-            return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items()}
-
-        mine, theirs = plain(self.transformer.config), plain(loaded.config)
-        diff = {
-            k: (mine.get(k), theirs.get(k))
-            for k in set(mine) | set(theirs)
-            if not k.startswith("_") and mine.get(k) != theirs.get(k)
-        }
-        if diff:
-            raise ValueError(f"{path!r} holds a transformer of another shape: (ours, theirs) = {diff}")
-        self.transformer.load_state_dict(loaded.state_dict())
 
     @classmethod
     def from_pretrained(
@@ -285,16 +246,9 @@ class FluxPolicy:
             max_sequence_length=max_sequence_length,
             guidance_scale=guidance_scale,
             dtype=dtype,
-            scheduler_config=_scheduler_config(name_or_path, revision),
+            scheduler_config=scheduler_config(name_or_path, revision),
             **options,
         )
-
-    @property
-    def pipeline_class(self):
-        """The diffusers pipeline class this editor is (its LoRAs are written for its ``load_lora_weights``)."""
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class_name)
 
     def pipeline(self):
         """This editor as its diffusers pipeline (components shared, not copied; needs an ``AutoencoderKL`` codec)."""
@@ -312,26 +266,8 @@ class FluxPolicy:
             tokenizer=self.tokenizer,
             text_encoder_2=self.text_encoder_2,
             tokenizer_2=self.tokenizer_2,
-            transformer=_unwrap(self.transformer),
+            transformer=unwrap(self.transformer),
         )
-
-    def save_pretrained_components(self, path: str) -> None:
-        """Write the editor as its diffusers pipeline folder (``model_index.json`` and every component), so
-        :meth:`from_pretrained` and diffusers' own ``from_pretrained`` reload it."""
-        self.pipeline().save_pretrained(path, safe_serialization=True)
-
-    # ---------------------------------------------------------------------------------------------- devices
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def to(self, device):
-        self.transformer.to(device)
-        for m in (self.codec, self.text_encoder, self.text_encoder_2):
-            if m is not None:
-                m.to(device)
-        self._text_cache.clear()
-        return self
 
     # ------------------------------------------------------------------------------------------------- text
     @torch.no_grad()
@@ -362,61 +298,6 @@ class FluxPolicy:
         seq = torch.stack([self._text_cache[p][0] for p in prompts])
         pooled = torch.stack([self._text_cache[p][1] for p in prompts])
         return TextEmbeds(seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype))
-
-    # ----------------------------------------------------------------------------------------------- images
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the codec's downsampling times the 2x2 packing."""
-        return self.codec.downsample * 2
-
-    @property
-    def latent_channels(self) -> int:
-        """Channels of one packed target token (the velocity's last dimension)."""
-        return self.codec.latent_channels * 4
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [0, 1] -> packed latents ``[B, N, C]`` (fp32)."""
-        self._check_size(images)
-        latents = self.codec.encode(images.to(self.device))
-        return pack_latents(latents.float())
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Packed latents -> images ``[B, 3, H, W]`` in [0, 1]."""
-        return self.decode_with_grad(tokens, grid)
-
-    def decode_with_grad(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """:meth:`decode` that lets gradients through the codec (for rewards differentiated into the latents)."""
-        return self.codec.decode(unpack_latents(tokens.float(), *grid)).float()
-
-    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
-        f = self.codec.downsample
-        return height // f, width // f
-
-    def _check_size(self, images: torch.Tensor) -> None:
-        m = self.size_multiple
-        h, w = images.shape[-2:]
-        if h % m or w % m:
-            raise ValueError(f"image size {h}x{w} must be a multiple of {m} (codec downsample x 2x2 packing)")
-
-    def mask_to_tokens(self, mask: torch.Tensor) -> torch.Tensor:
-        """Mask ``[B, 1, H, W]`` -> fraction of each target token covered by the mask, ``[B, N]``."""
-        return F.avg_pool2d(mask.float().to(self.device), kernel_size=self.size_multiple).flatten(1)
-
-    # ------------------------------------------------------------------------------------------- conditions
-    def encode_conditions(self, *args, **kwargs) -> Conditions:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def encode_batch(self, batch: dict, text: TextEmbeds, negative_prompts: list[str] | None = None) -> Conditions:
-        """Conditions of a collated batch (one row per record) from its :attr:`condition_fields` columns."""
-        missing = [k for k in self.condition_fields if k not in batch]
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__} needs the batch columns {list(self.condition_fields)}; missing {missing}"
-            )
-        images = [batch[k].to(self.device) for k in self.condition_fields]
-        return self.encode_conditions(*images, text=text, negative_prompts=negative_prompts)
 
     # ------------------------------------------------------------------------------------------- scheduler
     def sigmas(self, num_steps: int, num_tokens: int, start_sigma: float = 1.0) -> torch.Tensor:
@@ -474,7 +355,7 @@ class FluxPolicy:
                 torch.cat([text.pooled, cond.negative.pooled]),
             )
         guidance = None
-        cfg_obj = getattr(_unwrap(model), "config", None)
+        cfg_obj = getattr(unwrap(model), "config", None)
         if cfg_obj is not None and getattr(cfg_obj, "guidance_embeds", False):
             guidance = torch.full((hidden.shape[0],), float(self.guidance_scale), device=x.device, dtype=torch.float32)
         txt_ids = torch.zeros(text.prompt_embeds.shape[1], 3, device=x.device, dtype=self.dtype)
@@ -494,109 +375,8 @@ class FluxPolicy:
             v = v_u + true_cfg_scale * (v_c - v_u)
         return v
 
-    # ------------------------------------------------------------------------------------------------- LoRA
-    def add_lora(
-        self,
-        rank=16,
-        alpha: float | None = None,
-        target_modules=DEFAULT_LORA_TARGETS,
-        dropout: float = 0.0,
-        init: str | bool = True,
-    ) -> None:
-        """Attach a peft LoRA adapter to the transformer (base weights frozen). ``rank`` may be a whole peft
-        ``LoraConfig`` (the other arguments are then unused); one without ``target_modules`` gets
-        :data:`DEFAULT_LORA_TARGETS`."""
-        from peft import LoraConfig
-
-        if self.has_lora:
-            raise ValueError("the transformer already has a LoRA adapter: attach one adapter only")
-        if isinstance(rank, LoraConfig):
-            cfg = rank
-            if cfg.target_modules is None:
-                cfg = replace(cfg, target_modules=set(DEFAULT_LORA_TARGETS))
-        else:
-            cfg = LoraConfig(
-                r=rank,
-                lora_alpha=alpha if alpha is not None else rank,
-                lora_dropout=dropout,
-                target_modules=list(target_modules),
-                init_lora_weights=init,
-            )
-        self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(cfg)
-
-    @property
-    def has_lora(self) -> bool:
-        return bool(getattr(_unwrap(self.transformer), "_hf_peft_config_loaded", False))
-
-    @contextlib.contextmanager
-    def adapter_disabled(self, transformer: nn.Module | None = None):
-        """The reference policy for KL: the same transformer with the LoRA adapter switched off."""
-        model = _unwrap(transformer if transformer is not None else self.transformer)
-        model.disable_adapters()
-        try:
-            yield
-        finally:
-            model.enable_adapters()
-
-    def lora_state_dict(self, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(_unwrap(self.transformer), state_dict=state_dict)
-
-    def save_lora(self, path: str, state_dict: dict | None = None) -> None:
-        """Write the adapter in the format this editor's pipeline's ``load_lora_weights`` reads."""
-        model = _unwrap(self.transformer)
-        metadata = model.peft_config["default"].to_dict()
-        metadata = {k: (list(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-        self.pipeline_class.save_lora_weights(
-            path,
-            transformer_lora_layers=self.lora_state_dict(state_dict),
-            safe_serialization=True,
-            transformer_lora_adapter_metadata=metadata,
-        )
-
-    def load_lora(self, path: str) -> None:
-        """Load an adapter written by :meth:`save_lora` into the existing adapter (for resume)."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft.utils import set_peft_model_state_dict
-
-        sd = self.pipeline_class.lora_state_dict(path)
-        sd = sd[0] if isinstance(sd, tuple) else sd
-        sd = {k[len("transformer.") :]: v for k, v in sd.items() if k.startswith("transformer.")}
-        result = set_peft_model_state_dict(
-            _unwrap(self.transformer), convert_unet_state_dict_to_peft(sd), adapter_name="default"
-        )
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"LoRA at {path!r} does not match this transformer: unexpected keys {unexpected[:5]}")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
 
 def _load_t5_encoder(path, dtype, tkw):
     from transformers import T5EncoderModel
 
     return T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True, **tkw)
-
-
-def _scheduler_config(name_or_path: str, revision: str | None) -> dict | None:
-    """The model's own ``scheduler/scheduler_config.json`` (a local folder, or the hub through diffusers), or None
-    (then the FLUX.1 default) when it has none."""
-    local = os.path.join(name_or_path, "scheduler", "scheduler_config.json")
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(local):
-            return None
-        with open(local) as f:
-            return json.load(f)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    try:
-        return dict(FlowMatchEulerDiscreteScheduler.load_config(name_or_path, subfolder="scheduler", revision=revision))
-    except OSError:
-        logger.warning("%s has no scheduler config; using the FLUX.1 default schedule", name_or_path)
-        return None
