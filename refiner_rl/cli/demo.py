@@ -36,9 +36,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 GEOMETRIES = ("aligned", "shifted", "zoomed")  # one held-out set each
 
 
-def _evaluate_each(evaluate, policy, held_out: dict, **sampler) -> dict:
+def _evaluate_each(evaluate, policy, held_out: dict, **settings) -> dict:
     """``evaluate`` on every held-out set: {geometry: metrics}."""
-    return {g: evaluate(policy, ds, **sampler) for g, ds in held_out.items()}
+    return {g: evaluate(policy, ds, **settings) for g, ds in held_out.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     from refiner_rl.cli.train import _setup_logging, parse_recipe
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
     from refiner_rl.data import collate_triplets
-    from refiner_rl.evaluation import evaluate
+    from refiner_rl.evaluation import SamplerSettings, evaluate
     from refiner_rl.sampling import sample_images
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
 
@@ -89,14 +89,15 @@ def main(argv: list[str]) -> int:
     )
 
     policy.transformer.eval()
-    before = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps)
+    ode = SamplerSettings(num_steps=args.eval_steps)
+    before = _evaluate_each(evaluate, policy, held_out, sampler=ode)
     trainer = FlowSFTTrainer(policy, args=sft_cfg, train_dataset=train)
     trainer.train()
     trainer.save_model(sft_cfg.output_dir)
     trainer.save_state()
     policy.transformer.eval()
-    after_sft = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps)
-    after_sft_paste = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps, paste=True)
+    after_sft = _evaluate_each(evaluate, policy, held_out, sampler=ode)
+    after_sft_paste = _evaluate_each(evaluate, policy, held_out, sampler=dataclasses.replace(ode, paste=True))
     report.update(
         sft_seconds=round(time.time() - t0, 1), before=before, after_sft=after_sft, after_sft_paste_back=after_sft_paste
     )
@@ -129,15 +130,16 @@ def main(argv: list[str]) -> int:
         print(f"\n[demo] GRPO on {len(g_train)} training triplets ({g_data.synthetic_geometry} references)\n")
         g_trainer = FlowGRPOTrainer(g_policy, args=g_cfg, train_dataset=g_train, eval_dataset=held_out["shifted"])
         # GRPO's sampler (start sigma, paste-back, CFG) and rewards: one evaluation gives the MSE row and the reward
-        sampler = {**g_trainer.evaluation_settings(), "num_steps": args.eval_steps}
+        settings = g_trainer.evaluation_settings()
+        settings["sampler"] = dataclasses.replace(settings["sampler"], num_steps=args.eval_steps)
         g_policy.transformer.eval()
-        sft_same = _evaluate_each(evaluate, g_policy, held_out, **sampler)
+        sft_same = _evaluate_each(evaluate, g_policy, held_out, **settings)
         rows.append((f"SFT, GRPO's sampler (start {g_cfg.start_sigma:g})", sft_same))
         g_trainer.train()
         g_trainer.save_model(g_cfg.output_dir)
         g_trainer.save_state()
         g_policy.transformer.eval()
-        after_grpo = _evaluate_each(evaluate, g_policy, held_out, **sampler)
+        after_grpo = _evaluate_each(evaluate, g_policy, held_out, **settings)
         rows.append((f"after GRPO (start {g_cfg.start_sigma:g})", after_grpo))
         report.update(
             after_grpo=after_grpo,
