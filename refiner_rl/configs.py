@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from refiner_rl.data.records import ReferenceAlignment
 from refiner_rl.policies.flux import DEFAULT_LORA_TARGETS
-from refiner_rl.policies.kontext import REFERENCE_POSITIONS
+from refiner_rl.policies.kontext import REFERENCE_POSITIONS, ReferencePositions
 
 
 def _as_dict(value, name: str) -> dict:
@@ -66,10 +67,10 @@ class ModelArguments:
     reference_id: int = field(
         default=2, metadata={"help": "RoPE id channel-0 value of the reference tokens (target 0, draft 1)."}
     )
-    reference_positions: str | None = field(
+    reference_positions: ReferencePositions | None = field(
         default=None,
         metadata={
-            "help": "RoPE row/col ids of the reference tokens: grid (own grid), none (all 0: content only) or beside "
+            "help": "RoPE row/col ids of the reference tokens: grid (own grid), none (all 0: content only), beside "
             "(right of the draft's); unset: the model's saved one, else grid."
         },
     )
@@ -184,7 +185,7 @@ class DataArguments:
         default=None,
         metadata={"help": "Cache folder of `datasets` (Arrow files, cached validation); None: HF_DATASETS_CACHE."},
     )
-    reference_alignment: str | None = field(
+    reference_alignment: ReferenceAlignment | None = field(
         default=None,
         metadata={
             "help": "none: the editor sees the reference as it is. register: each reference is registered to its "
