@@ -289,12 +289,38 @@ class DataArguments:
 
     def build(self, *, multiple: int, eval: bool = False):
         """The training (or held-out) :class:`TripletDataset`; ``None`` when no held-out set is asked for."""
-        from refiner_rl.data import TripletDataset, load_records, mask_task_records, synthetic_records
+        from refiner_rl.data import TripletDataset
+
+        source, phases = self.records(eval=eval)
+        if source is None:
+            return None
+        ds = TripletDataset(
+            source,
+            resolution=self.resolution,
+            buckets=self.buckets,
+            multiple=multiple,
+            skip_invalid=self.skip_invalid_records,
+            alpha_background=self.alpha_background,
+            num_proc=self.dataset_num_proc,
+            reference_alignment=self.reference_alignment or "none",  # unset: the default
+            registration={"scale_range": tuple(self.registration_scale_range)},
+        )
+        if ds.reference_alignment == "register":
+            ds.register_references()
+        if phases:
+            ds.curriculum = phases  # (first record, end, fraction of the steps) per phase; the SFT sampler reads it
+        return ds
+
+    def records(self, *, eval: bool = False):
+        """``(records, phases)`` that :meth:`build` reads: the synthetic set's records (PIL images, before any
+        registration) or the dataset's loaded records; ``phases`` of a synthetic curriculum, else None. ``(None,
+        None)`` when no held-out set is asked for."""
+        from refiner_rl.data import load_records, mask_task_records, synthetic_records
 
         source = self.eval_dataset if eval else self.dataset
         if source is None:
             if self.dataset != "synthetic":
-                return None
+                return None, None
             source = "synthetic"
         phases = None
         if source == "synthetic":
@@ -324,22 +350,7 @@ class DataArguments:
                     source += synthetic_records(n, seed=self.synthetic_seed + 1000 * k, geometry=geometry, **options)
         else:
             source = load_records(source, split=self.dataset_split, cache_dir=self.dataset_cache_dir)
-        ds = TripletDataset(
-            source,
-            resolution=self.resolution,
-            buckets=self.buckets,
-            multiple=multiple,
-            skip_invalid=self.skip_invalid_records,
-            alpha_background=self.alpha_background,
-            num_proc=self.dataset_num_proc,
-            reference_alignment=self.reference_alignment or "none",  # unset: the default
-            registration={"scale_range": tuple(self.registration_scale_range)},
-        )
-        if ds.reference_alignment == "register":
-            ds.register_references()
-        if phases:
-            ds.curriculum = phases  # (first record, end, fraction of the steps) per phase; the SFT sampler reads it
-        return ds
+        return source, phases
 
 
 def _curriculum(value) -> dict[str, float] | None:

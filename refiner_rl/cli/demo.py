@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
 
     from refiner_rl.cli.train import _setup_logging, parse_recipe
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
-    from refiner_rl.data import collate_triplets
+    from refiner_rl.data import collate_triplets, write_records
     from refiner_rl.evaluation import SamplerSettings, evaluate
     from refiner_rl.sampling import sample_images
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
@@ -73,8 +73,11 @@ def main(argv: list[str]) -> int:
     policy = build_policy(model_args, "cpu")
     multiple = policy.size_multiple
     train = data_args.build(multiple=multiple)
-    held_out = {
-        g: dataclasses.replace(data_args, synthetic_geometry=g).build(multiple=multiple, eval=True) for g in GEOMETRIES
+    held_out_args = {g: dataclasses.replace(data_args, synthetic_geometry=g) for g in GEOMETRIES}
+    held_out = {g: a.build(multiple=multiple, eval=True) for g, a in held_out_args.items()}
+    # the held-out records as files, for `refiner-rl refine` / `eval` on the trained models
+    held_out_files = {
+        g: write_records(os.path.join(out, "held_out", g), a.records(eval=True)[0]) for g, a in held_out_args.items()
     }
     shown = [held_out[g][i] for g in GEOMETRIES[1:] for i in range(4)]  # grid: 4 shifted and 4 zoomed references
     sample = collate_triplets(shown)
@@ -138,6 +141,7 @@ def main(argv: list[str]) -> int:
         g_trainer.train()
         g_trainer.save_model(g_cfg.output_dir)
         g_trainer.save_state()
+        _save_evaluated_sampler(g_cfg.output_dir, settings["sampler"])
         g_policy.transformer.eval()
         after_grpo = _evaluate_each(evaluate, g_policy, held_out, **settings)
         rows.append((f"after GRPO (start {g_cfg.start_sigma:g})", after_grpo))
@@ -183,8 +187,25 @@ def main(argv: list[str]) -> int:
             print(f"[demo] held-out composite reward, {g} references: SFT {a:.5f} -> GRPO {b:.5f} ({_rel(a, b):+.1%})")
     print(f"\n[demo] grid (draft | reference | {' | '.join(images)} | target): {grid_path}")
     print(f"[demo] checkpoints: {sft_cfg.output_dir}" + ("" if args.skip_grpo else f", {os.path.join(out, 'grpo')}"))
+    if not args.skip_grpo:
+        refined = os.path.join(out, "refined", "shifted")
+        print(
+            f"[demo] apply the GRPO refiner as it was trained and evaluated (the table's 'after GRPO' in-mask MSE): "
+            f"refiner-rl refine --model {os.path.join(out, 'grpo')} --records {held_out_files['shifted']} "
+            f"--output_dir {refined}"
+        )
     print(f"[demo] report: {os.path.join(out, 'report.json')}; total {report['seconds']:.0f} s")
     return 0
+
+
+def _save_evaluated_sampler(folder: str, sampler) -> None:
+    """Record in ``folder``'s model settings the sampler its table rows were measured with (steps and noise seed;
+    the trainer saved its own), so ``refiner-rl refine`` of the held-out files reproduces them with no flag."""
+    from refiner_rl import model_settings
+
+    settings = model_settings.load(folder)
+    settings.sampler.update(num_inference_steps=sampler.num_steps, seed=sampler.seed)
+    model_settings.save(settings, folder)
 
 
 def _sft_weights_args(model_args, sft_dir: str) -> list[str]:

@@ -327,16 +327,23 @@ def synthetic_records(
 
 
 def write_synthetic_dataset(folder: str, n: int, seed: int = 0, size: int = 32, **kwargs) -> str:
-    """Write ``n`` records as PNG files plus ``records.jsonl`` (paths relative to ``folder``; the ``ref_*``
-    geometry fields are written as they are)."""
+    """Write ``n`` synthetic records with :func:`write_records`; returns the path of ``records.jsonl``."""
+    return write_records(folder, synthetic_records(n, seed, size, **kwargs))
+
+
+def write_records(folder: str, records: Sequence[dict]) -> str:
+    """Write records holding PIL images as PNG files (``<id>_<field>.png``) plus ``records.jsonl`` with their paths
+    relative to ``folder``; other fields (prompt, id, the ``ref_*`` geometry) are written as they are. Returns the
+    path of ``records.jsonl``."""
     os.makedirs(folder, exist_ok=True)
     lines = []
-    for rec in synthetic_records(n, seed, size, **kwargs):
+    for rec in records:
         row = {k: v for k, v in rec.items() if not isinstance(v, Image.Image)}
-        for key in ("target", "draft", "reference", "mask"):
-            name = f"{rec['id']}_{key}.png"
-            rec[key].save(os.path.join(folder, name))
-            row[key] = name
+        for key, image in rec.items():
+            if isinstance(image, Image.Image):
+                name = f"{rec['id']}_{key}.png"
+                image.save(os.path.join(folder, name))
+                row[key] = name
         lines.append(json.dumps(row))
     path = os.path.join(folder, "records.jsonl")
     with open(path, "w") as f:
