@@ -110,7 +110,7 @@ def run_preset(name: str, p: dict, args, result: dict) -> dict:
 
     from refiner_rl.cli.train import parse_recipe
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
-    from refiner_rl.evaluation import evaluate
+    from refiner_rl.evaluation import SamplerSettings, evaluate
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
     from refiner_rl.trainers.base import FULL_WEIGHTS_DIR
 
@@ -166,10 +166,8 @@ def run_preset(name: str, p: dict, args, result: dict) -> dict:
 
     def ratios(pol, **sampler) -> dict:
         pol.transformer.eval()
-        return {
-            g: round(evaluate(pol, ds, num_steps=args.eval_steps, **sampler)["mse_in_ratio"], 4)
-            for g, ds in held_out.items()
-        }
+        settings = SamplerSettings(num_steps=args.eval_steps, **sampler)
+        return {g: round(evaluate(pol, ds, settings)["mse_in_ratio"], 4) for g, ds in held_out.items()}
 
     t0 = time.time()
     result.update(sft_steps=0, sft_s=0.0, sft_at=at)
@@ -201,7 +199,8 @@ def run_preset(name: str, p: dict, args, result: dict) -> dict:
             train_dataset=g_data.build(multiple=multiple),
             callbacks=[EvalAt(g_policy, deadline - 25)],
         )
-        sampler = {k: v for k, v in g_trainer.evaluation_settings().items() if k in ("start_sigma", "paste", "seed")}
+        s = g_trainer.sampler_settings()
+        sampler = {"start_sigma": s.start_sigma, "paste": s.paste, "seed": s.seed}
         result["sft_grpo_sampler"] = ratios(g_policy, **sampler)
         t1 = time.time()
         g_trainer.train()

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from refiner_rl.data.records import ReferenceAlignment
 from refiner_rl.policies.flux import DEFAULT_LORA_TARGETS
-from refiner_rl.policies.kontext import REFERENCE_POSITIONS
+from refiner_rl.policies.kontext import REFERENCE_POSITIONS, ReferencePositions
 
 
 def _as_dict(value, name: str) -> dict:
@@ -71,10 +72,10 @@ class ModelArguments:
     reference_id: int = field(
         default=2, metadata={"help": "RoPE id channel-0 value of the reference tokens (target 0, draft 1)."}
     )
-    reference_positions: str | None = field(
+    reference_positions: ReferencePositions | None = field(
         default=None,
         metadata={
-            "help": "RoPE row/col ids of the reference tokens: grid (own grid), none (all 0: content only) or beside "
+            "help": "RoPE row/col ids of the reference tokens: grid (own grid), none (all 0: content only), beside "
             "(right of the draft's); unset: the model's saved one, else grid."
         },
     )
@@ -205,7 +206,7 @@ class DataArguments:
         default=None,
         metadata={"help": "Cache folder of `datasets` (Arrow files, cached validation); None: HF_DATASETS_CACHE."},
     )
-    reference_alignment: str | None = field(
+    reference_alignment: ReferenceAlignment | None = field(
         default=None,
         metadata={
             "help": "none: the editor sees the reference as it is. register: each reference is registered to its "
@@ -321,12 +322,38 @@ class DataArguments:
 
     def build(self, *, multiple: int, eval: bool = False):
         """The training (or held-out) :class:`TripletDataset`; ``None`` when no held-out set is asked for."""
-        from refiner_rl.data import TripletDataset, load_records, mask_task_records, synthetic_records
+        from refiner_rl.data import TripletDataset
+
+        source, phases = self.records(eval=eval)
+        if source is None:
+            return None
+        ds = TripletDataset(
+            source,
+            resolution=self.resolution,
+            buckets=self.buckets,
+            multiple=multiple,
+            skip_invalid=self.skip_invalid_records,
+            alpha_background=self.alpha_background,
+            num_proc=self.dataset_num_proc,
+            reference_alignment=self.reference_alignment or "none",  # unset: the default
+            registration={"scale_range": tuple(self.registration_scale_range)},
+        )
+        if ds.reference_alignment == "register":
+            ds.register_references()
+        if phases:
+            ds.curriculum = phases  # (first record, end, fraction of the steps) per phase; the SFT sampler reads it
+        return ds
+
+    def records(self, *, eval: bool = False):
+        """``(records, phases)`` that :meth:`build` reads: the synthetic set's records (PIL images, before any
+        registration) or the dataset's loaded records; ``phases`` of a synthetic curriculum, else None. ``(None,
+        None)`` when no held-out set is asked for."""
+        from refiner_rl.data import load_records, mask_task_records, synthetic_records
 
         source = self.eval_dataset if eval else self.dataset
         if source is None:
             if self.dataset != "synthetic":
-                return None
+                return None, None
             source = "synthetic"
         phases = None
         if source == "synthetic":
@@ -358,22 +385,7 @@ class DataArguments:
                     source += synthetic_records(n, seed=self.synthetic_seed + 1000 * k, geometry=geometry, **options)
         else:
             source = load_records(source, split=self.dataset_split, cache_dir=self.dataset_cache_dir)
-        ds = TripletDataset(
-            source,
-            resolution=self.resolution,
-            buckets=self.buckets,
-            multiple=multiple,
-            skip_invalid=self.skip_invalid_records,
-            alpha_background=self.alpha_background,
-            num_proc=self.dataset_num_proc,
-            reference_alignment=self.reference_alignment or "none",  # unset: the default
-            registration={"scale_range": tuple(self.registration_scale_range)},
-        )
-        if ds.reference_alignment == "register":
-            ds.register_references()
-        if phases:
-            ds.curriculum = phases  # (first record, end, fraction of the steps) per phase; the SFT sampler reads it
-        return ds
+        return source, phases
 
 
 def _curriculum(value) -> dict[str, float] | None:

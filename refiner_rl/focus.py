@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from refiner_rl.errors import ConfigError, DataError
 
-CROP_REFERENCE = ("false", "true", "same_box")
+CropReference = Literal["false", "true", "same_box"]
+CROP_REFERENCE = get_args(CropReference)
 RAMPS = ("linear", "cosine")
 
 
@@ -307,7 +309,8 @@ def paste_back_feathered(
     return full * (1 - w) + placed * w
 
 
-SCORE_ON = ("full", "crop")
+ScoreOn = Literal["full", "crop"]
+SCORE_ON = get_args(ScoreOn)
 
 
 @dataclass
@@ -389,14 +392,14 @@ class FocusArguments:
     focus_margin: float = field(
         default=0.125, metadata={"help": "Margin around the mask's box, times its longer side."}
     )
-    focus_crop_reference: str = field(
+    focus_crop_reference: CropReference = field(
         default="false",
         metadata={
             "help": "Reference: false (keep it whole), same_box (cut at the draft's box), true (cut at ref_box)."
         },
     )
     focus_feather: float = field(default=2.0, metadata={"help": "Width in pixels of the paste-back blend ramp."})
-    focus_score_on: str = field(
+    focus_score_on: ScoreOn = field(
         default="full", metadata={"help": "Score rewards and metrics on the pasted full image (full) or the crop."}
     )
 

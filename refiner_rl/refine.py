@@ -50,9 +50,10 @@ class Refiner:
         return dict(getattr(self.policy, "reference_registration", None) or {})
 
 
-def sampler_settings(saved: dict, *, seed: int = 0, negative_prompt: str = "", focus_crop=None, **explicit):
+def sampler_settings(saved: dict, *, seed: int | None = None, negative_prompt: str = "", focus_crop=None, **explicit):
     """The :class:`SamplerSettings` of a model: each of :data:`SAMPLER_DEFAULTS` from ``explicit`` (None = unset),
-    else the model's ``saved`` sampler, else the default; region focus as saved unless ``focus_crop`` is given."""
+    else the model's ``saved`` sampler, else the default; region focus as saved unless ``focus_crop`` is given; the
+    noise seed given, else the saved one (the seed a model's reported figures were measured with), else 0."""
     from refiner_rl.focus import FocusSettings
 
     unknown = sorted(set(explicit) - set(SAMPLER_DEFAULTS))
@@ -72,7 +73,7 @@ def sampler_settings(saved: dict, *, seed: int = 0, negative_prompt: str = "", f
         )
     sampler = SamplerSettings(
         num_steps=int(values["num_inference_steps"]),
-        seed=int(seed),
+        seed=int(seed if seed is not None else saved.get("seed", 0)),
         start_sigma=float(values["start_sigma"]),
         paste=bool(values["paste_back"]),
         true_cfg_scale=float(values["true_cfg_scale"]),
@@ -100,7 +101,7 @@ def load_refiner(
     paste_back: bool | None = None,
     focus_crop: bool | None = None,
     negative_prompt: str = "",
-    seed: int = 0,
+    seed: int | None = None,
 ) -> Refiner:
     """The refiner trained into ``model`` (a refiner-rl output or checkpoint folder: LoRA or full fine-tune; or a
     base editor), served as it was trained; every argument left None takes the model's saved value."""
@@ -137,7 +138,7 @@ def load_refiner(
         **policy.options(),
         "guidance_scale": policy.guidance_scale,
         **values,
-        "seed": int(seed),
+        "seed": sampler.seed,
     }
     logger.info("refining with %s", ", ".join(f"{k} {v}" for k, v in served.items()))
     return Refiner(policy, sampler, model, served)

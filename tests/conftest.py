@@ -10,6 +10,13 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The cores each test process may use: all of them (at most 2) in one process; an even share of them per worker under
+# pytest-xdist (`-n auto`), also for the processes a test launches (CLI runs, `accelerate launch`), so workers
+# never oversubscribe the machine (two OpenMP threads spinning against another process are several times slower).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,7 +24,7 @@ import torch  # noqa: E402
 # tiny checkpoints trained once per session, shared by the eval and refine tests
 from tests.trained_checkpoints import held_out, trained  # noqa: E402, F401
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

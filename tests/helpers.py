@@ -76,6 +76,19 @@ def learning_run(trainer_cls, args, size: int) -> dict:
     return {"before": before, "after": after, "logs": logs}
 
 
+@torch.no_grad()
+def recompute_log_probs(trainer, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs ``[B, K]`` and per-token ``[B, K, N]`` of a GRPO rollout's stored next states under ``model``:
+    what the loss compares with ``old_log_probs`` (equal before any update: the ratio invariant)."""
+    from refiner_rl.dynamics import log_prob
+
+    out = [
+        log_prob(inputs["next_states"][:, j], *trainer.objective.step_distribution(model, inputs, j))
+        for j in range(len(inputs["sde_steps"]))
+    ]
+    return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
+
+
 def unprefixed(metrics: dict) -> dict:
     return {k.removeprefix("eval_"): v for k, v in metrics.items()}
 

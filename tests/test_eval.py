@@ -104,12 +104,12 @@ def test_trained_checkpoints_beat_the_draft_and_every_output_is_written(trained,
 def test_the_held_out_evaluator_is_the_same_code(trained, held_out, one_process):
     """``evaluate`` (trainers, demo) gives the eval command's numbers for the same policy and sampler."""
     from refiner_rl.configs import ModelArguments
-    from refiner_rl.evaluation import evaluate, load_candidate, parse_candidates
+    from refiner_rl.evaluation import SamplerSettings, evaluate, load_candidate, parse_candidates
 
     (sft,) = parse_candidates([{"name": "SFT", "checkpoint": trained["sft"]}])
     policy = load_candidate(sft, ModelArguments(tiny_model=dict(SMALL), use_lora=False), "cpu")
     ds = TripletDataset(load_records(held_out), None, multiple=4)
-    r = evaluate(policy, ds, num_steps=4, start_sigma=0.5, paste=True, batch_size=3)
+    r = evaluate(policy, ds, SamplerSettings(num_steps=4, start_sigma=0.5, paste=True), batch_size=3)
     s = json.load(open(one_process / "results.json"))["summary"]
     assert r["mse_output_in"] == pytest.approx(s["SFT"]["mse_in"]["mean"], abs=1e-7)
     assert r["mse_draft_in"] == pytest.approx(s["draft"]["mse_in"]["mean"], abs=1e-7)

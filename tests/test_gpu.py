@@ -120,13 +120,13 @@ def test_bf16_sampling_on_cuda_is_finite():
 
 def test_sampler_matches_between_cpu_and_cuda():
     """The same policy and noise give the same held-out figures on both devices (fp32): noise is drawn on the CPU."""
-    from refiner_rl.evaluation import evaluate
+    from refiner_rl.evaluation import SamplerSettings, evaluate
 
     held_out = synthetic_dataset(16, seed=1, size=32)
     policy = small_policy()
     policy.transformer.eval()
-    cpu = evaluate(policy, held_out, num_steps=6)
+    cpu = evaluate(policy, held_out, SamplerSettings(num_steps=6))
     policy.to("cuda")
-    cuda = evaluate(policy, held_out, num_steps=6)
+    cuda = evaluate(policy, held_out, SamplerSettings(num_steps=6))
     assert cuda["mse_output_in"] == pytest.approx(cpu["mse_output_in"], rel=1e-3)
     assert cuda["mse_output_out"] == pytest.approx(cpu["mse_output_out"], rel=1e-3)

@@ -165,12 +165,14 @@ def test_a_model_name_and_a_peft_config(tmp_path):
 
 def test_evaluate_leaves_out_samples_no_reward_scored(tmp_path):
     from refiner_rl.distributed import keyed_generator
-    from refiner_rl.evaluation import evaluate
+    from refiner_rl.evaluation import SamplerSettings, evaluate
     from refiner_rl.sampling import sample_images
     from refiner_rl.scoring import build_reward_funcs
 
     policy, ds = small_policy(), synthetic_dataset(4, size=16)
-    res = evaluate(policy, ds, num_steps=2, batch_size=4, rewards=build_reward_funcs([rf.odd_records_only]))
+    res = evaluate(
+        policy, ds, SamplerSettings(num_steps=2), batch_size=4, rewards=build_reward_funcs([rf.odd_records_only])
+    )
     from refiner_rl.data import collate_triplets
 
     batch = collate_triplets([ds[i] for i in range(4)])

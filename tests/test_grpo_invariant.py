@@ -1,14 +1,14 @@
 """The GRPO invariant (docs/algorithms.md): before the first update, the log-prob recomputed in training equals the one
 stored at rollout, |ratio - 1| < 1e-5 in fp32, for every step rule, LoRA and full fine-tuning, with and
 without true CFG. Driven through the trainer's own rollout (``_prepare_inputs``) and the recompute that
-``compute_loss`` uses (``step_distribution``), then through ``compute_loss`` itself and its logged metrics."""
+``compute_loss`` uses (``GRPOObjective.step_distribution``), then through ``compute_loss`` itself and its logged metrics."""
 
 import pytest
 import torch
 
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
-from tests.helpers import perturb_lora, small_policy, synthetic_dataset
+from tests.helpers import perturb_lora, recompute_log_probs, small_policy, synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +46,7 @@ def _check_micro_batches(trainer: FlowGRPOTrainer) -> None:
         inputs = trainer._prepare_inputs(batch)
         assert inputs["old_log_probs"].shape == (2, trainer.args.sde_window_size)
         assert inputs["states"].dtype == torch.float32
-        lp, lp_tok = trainer.recompute_log_probs(model, inputs)
+        lp, lp_tok = recompute_log_probs(trainer, model, inputs)
         ratio = torch.exp(lp - inputs["old_log_probs"])
         ratio_tok = torch.exp(lp_tok - inputs["old_log_prob_tokens"])
         assert (ratio - 1).abs().max().item() < 1e-5, ratio
@@ -139,7 +139,7 @@ def test_a_coarse_rollout_tail_keeps_the_window_and_saves_forwards(tmp_path):
     assert (full_calls, tail_calls) == (2 + 4 * 7, 2 + 4 * 3)
     for key in ("states", "next_states", "old_log_probs", "sigmas"):
         assert torch.equal(full_inputs[key], tail_inputs[key]), key
-    lp, _ = tail.recompute_log_probs(tail.model, tail_inputs)
+    lp, _ = recompute_log_probs(tail, tail.model, tail_inputs)
     assert (torch.exp(lp - tail_inputs["old_log_probs"]) - 1).abs().max().item() < 1e-5
     assert not torch.equal(full._last_samples["scores"], tail._last_samples["scores"]), (
         "the reward sees the coarser finish"

@@ -10,7 +10,7 @@ from refiner_rl.dynamics import kl_same_std
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
 from refiner_rl.trainers.grpo_trainer import FlowGRPOTrainer
 from refiner_rl.trainers.losses import clipped_surrogate
-from tests.helpers import perturb_lora, small_policy, synthetic_dataset
+from tests.helpers import perturb_lora, recompute_log_probs, small_policy, synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,9 +85,9 @@ def test_trainer_loss_and_logged_kl_follow_the_formulas(tmp_path):
     kls = []
     with torch.no_grad():
         for j in range(2):
-            mean, std = trainer.step_distribution(model, inputs, j)
+            mean, std = trainer.objective.step_distribution(model, inputs, j)
             with trainer.policy.adapter_disabled(model):
-                mean_ref, _ = trainer.step_distribution(model, inputs, j)
+                mean_ref, _ = trainer.objective.step_distribution(model, inputs, j)
             kls.append(((mean - mean_ref) ** 2 / (2 * std**2)).mean())
     kl = torch.stack(kls).mean().item()
     assert kl > 0
@@ -104,7 +104,7 @@ def test_one_sgd_step_raises_the_log_prob_of_positive_advantage_samples(tmp_path
     inputs = dict(inputs, advantages=adv)
     if spatial:  # the same signs carried per token
         inputs["token_advantages"] = adv[:, None].expand_as(inputs["old_log_prob_tokens"][:, 0]).clone()
-    before, _ = trainer.recompute_log_probs(model, inputs)
+    before, _ = recompute_log_probs(trainer, model, inputs)
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     trainer.compute_loss(model, inputs).backward()
@@ -113,7 +113,7 @@ def test_one_sgd_step_raises_the_log_prob_of_positive_advantage_samples(tmp_path
     with torch.no_grad():
         for p in params:
             p -= 5e-2 * p.grad / norm
-    after, _ = trainer.recompute_log_probs(model, inputs)
+    after, _ = recompute_log_probs(trainer, model, inputs)
     delta = (after - before).sum(dim=1)  # summed over the trained steps
     assert (delta[adv > 0] > 0).all() and (delta[adv < 0] < 0).all(), delta
     # and the loss fell: -mean(A r) is lower after the step

@@ -1,6 +1,6 @@
 """GRPO back-propagates each trained step as soon as its loss is formed: the accumulated gradient, the returned
 loss and the logged ratio/clip/KL statistics equal those of one backward over the whole loss, written here from
-the public pieces (``step_distribution``, ``log_prob``, ``clipped_surrogate``, ``kl_same_std``)."""
+the public pieces (``GRPOObjective.step_distribution``, ``log_prob``, ``clipped_surrogate``, ``kl_same_std``)."""
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ def _reference_loss(trainer: FlowGRPOTrainer, model, inputs: dict) -> tuple[torc
     clips = {"clip_ratio/low_mean": "low", "clip_ratio/high_mean": "high", "clip_ratio/region_mean": "region"}
     total, stats = 0.0, {"ratio": 0.0, "kl": 0.0, **dict.fromkeys(clips, 0.0)}
     for j in range(k):
-        mean, std = trainer.step_distribution(model, inputs, j)
+        mean, std = trainer.objective.step_distribution(model, inputs, j)
         lp, _ = log_prob(inputs["next_states"][:, j], mean, std)
         eps = args.epsilon
         per, clip = clipped_surrogate(lp, inputs["old_log_probs"][:, j], inputs["advantages"], eps, eps)
@@ -42,10 +42,10 @@ def _reference_loss(trainer: FlowGRPOTrainer, model, inputs: dict) -> tuple[torc
         if args.beta > 0:
             with torch.no_grad():
                 if trainer.ref_transformer is not None:
-                    ref_mean = trainer.step_distribution(trainer.ref_transformer, inputs, j)[0]
+                    ref_mean = trainer.objective.step_distribution(trainer.ref_transformer, inputs, j)[0]
                 else:
                     with trainer.policy.adapter_disabled(model):
-                        ref_mean = trainer.step_distribution(model, inputs, j)[0]
+                        ref_mean = trainer.objective.step_distribution(model, inputs, j)[0]
             kl, _ = kl_same_std(mean, ref_mean, std)
             loss = loss + args.beta * kl.mean()
             stats["kl"] += kl.mean().item() / k

@@ -83,7 +83,7 @@ def dreamsim_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
-    from refiner_rl.metrics.tiny import build_tiny_dinov2
+    from tests.tiny_metric_models import build_tiny_dinov2
 
     return build_tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
 
@@ -172,7 +172,7 @@ def test_dino_is_one_for_identical_images_and_the_cls_cosine_otherwise(dino_dir)
 # -- faces ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def face_dir(tmp_path_factory):
-    from refiner_rl.metrics.tiny import build_tiny_face_pack
+    from tests.tiny_metric_models import build_tiny_face_pack
 
     return build_tiny_face_pack(tmp_path_factory.mktemp("buffalo_tiny"))
 

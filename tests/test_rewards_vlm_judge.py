@@ -38,7 +38,7 @@ from refiner_rl.vlm import (
     p_yes_from_top_logprobs,
 )
 from refiner_rl.vlm.client import forget_servers
-from refiner_rl.vlm.server import JudgeServer
+from refiner_rl.vlm.server import JudgeServer, Unavailable
 from refiner_rl.vlm.tiny import PIXELS, build_tiny_vlm
 
 
@@ -82,13 +82,32 @@ def vlm(judge_dir) -> LocalVLM:
     return local_judge(judge_dir, mode="pointwise").vlm
 
 
+class FaultyServer(JudgeServer):
+    """The judge server with latency (``delay`` seconds before each completion) and failures (the first
+    ``fail_first`` completions answered 503) injected, so the client's timeouts and retries run for real."""
+
+    def __init__(self, vlm, *, delay: float = 0.0, fail_first: int = 0, **kwargs):
+        super().__init__(vlm, **kwargs)
+        self.delay, self.fail_first, self.completions = delay, fail_first, 0
+
+    def complete(self, body: dict) -> dict:
+        with self._count_lock:
+            self.completions += 1
+            number = self.completions
+        if number <= self.fail_first:
+            raise Unavailable("injected failure")
+        if self.delay and self._stop.wait(self.delay):
+            raise Unavailable("shutting down")
+        return super().complete(body)
+
+
 @pytest.fixture
 def serve(vlm):
     """Start loopback servers over the tiny judge; all are shut down after the test."""
     servers = []
 
     def start(**kwargs) -> JudgeServer:
-        server = JudgeServer(vlm, served_model_name="tiny-judge", **kwargs).start()
+        server = FaultyServer(vlm, served_model_name="tiny-judge", **kwargs).start()
         servers.append(server)
         return server
 

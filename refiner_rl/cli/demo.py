@@ -36,9 +36,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 GEOMETRIES = ("aligned", "shifted", "zoomed")  # one held-out set each
 
 
-def _evaluate_each(evaluate, policy, held_out: dict, **sampler) -> dict:
+def _evaluate_each(evaluate, policy, held_out: dict, **settings) -> dict:
     """``evaluate`` on every held-out set: {geometry: metrics}."""
-    return {g: evaluate(policy, ds, **sampler) for g, ds in held_out.items()}
+    return {g: evaluate(policy, ds, **settings) for g, ds in held_out.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -54,8 +54,8 @@ def main(argv: list[str]) -> int:
 
     from refiner_rl.cli.train import _setup_logging, parse_recipe
     from refiner_rl.configs import DataArguments, ModelArguments, build_policy
-    from refiner_rl.data import collate_triplets
-    from refiner_rl.evaluation import evaluate
+    from refiner_rl.data import collate_triplets, write_records
+    from refiner_rl.evaluation import SamplerSettings, evaluate
     from refiner_rl.sampling import sample_images
     from refiner_rl.trainers import FlowSFTConfig, FlowSFTTrainer
 
@@ -73,8 +73,11 @@ def main(argv: list[str]) -> int:
     policy = build_policy(model_args, "cpu")
     multiple = policy.size_multiple
     train = data_args.build(multiple=multiple)
-    held_out = {
-        g: dataclasses.replace(data_args, synthetic_geometry=g).build(multiple=multiple, eval=True) for g in GEOMETRIES
+    held_out_args = {g: dataclasses.replace(data_args, synthetic_geometry=g) for g in GEOMETRIES}
+    held_out = {g: a.build(multiple=multiple, eval=True) for g, a in held_out_args.items()}
+    # the held-out records as files, for `refiner-rl refine` / `eval` on the trained models
+    held_out_files = {
+        g: write_records(os.path.join(out, "held_out", g), a.records(eval=True)[0]) for g, a in held_out_args.items()
     }
     shown = [held_out[g][i] for g in GEOMETRIES[1:] for i in range(4)]  # grid: 4 shifted and 4 zoomed references
     sample = collate_triplets(shown)
@@ -89,14 +92,15 @@ def main(argv: list[str]) -> int:
     )
 
     policy.transformer.eval()
-    before = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps)
+    ode = SamplerSettings(num_steps=args.eval_steps)
+    before = _evaluate_each(evaluate, policy, held_out, sampler=ode)
     trainer = FlowSFTTrainer(policy, args=sft_cfg, train_dataset=train)
     trainer.train()
     trainer.save_model(sft_cfg.output_dir)
     trainer.save_state()
     policy.transformer.eval()
-    after_sft = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps)
-    after_sft_paste = _evaluate_each(evaluate, policy, held_out, num_steps=args.eval_steps, paste=True)
+    after_sft = _evaluate_each(evaluate, policy, held_out, sampler=ode)
+    after_sft_paste = _evaluate_each(evaluate, policy, held_out, sampler=dataclasses.replace(ode, paste=True))
     report.update(
         sft_seconds=round(time.time() - t0, 1), before=before, after_sft=after_sft, after_sft_paste_back=after_sft_paste
     )
@@ -129,15 +133,17 @@ def main(argv: list[str]) -> int:
         print(f"\n[demo] GRPO on {len(g_train)} training triplets ({g_data.synthetic_geometry} references)\n")
         g_trainer = FlowGRPOTrainer(g_policy, args=g_cfg, train_dataset=g_train, eval_dataset=held_out["shifted"])
         # GRPO's sampler (start sigma, paste-back, CFG) and rewards: one evaluation gives the MSE row and the reward
-        sampler = {**g_trainer.evaluation_settings(), "num_steps": args.eval_steps}
+        settings = g_trainer.evaluation_settings()
+        settings["sampler"] = dataclasses.replace(settings["sampler"], num_steps=args.eval_steps)
         g_policy.transformer.eval()
-        sft_same = _evaluate_each(evaluate, g_policy, held_out, **sampler)
+        sft_same = _evaluate_each(evaluate, g_policy, held_out, **settings)
         rows.append((f"SFT, GRPO's sampler (start {g_cfg.start_sigma:g})", sft_same))
         g_trainer.train()
         g_trainer.save_model(g_cfg.output_dir)
         g_trainer.save_state()
+        _save_evaluated_sampler(g_cfg.output_dir, settings["sampler"])
         g_policy.transformer.eval()
-        after_grpo = _evaluate_each(evaluate, g_policy, held_out, **sampler)
+        after_grpo = _evaluate_each(evaluate, g_policy, held_out, **settings)
         rows.append((f"after GRPO (start {g_cfg.start_sigma:g})", after_grpo))
         report.update(
             after_grpo=after_grpo,
@@ -181,8 +187,25 @@ def main(argv: list[str]) -> int:
             print(f"[demo] held-out composite reward, {g} references: SFT {a:.5f} -> GRPO {b:.5f} ({_rel(a, b):+.1%})")
     print(f"\n[demo] grid (draft | reference | {' | '.join(images)} | target): {grid_path}")
     print(f"[demo] checkpoints: {sft_cfg.output_dir}" + ("" if args.skip_grpo else f", {os.path.join(out, 'grpo')}"))
+    if not args.skip_grpo:
+        refined = os.path.join(out, "refined", "shifted")
+        print(
+            f"[demo] apply the GRPO refiner as it was trained and evaluated (the table's 'after GRPO' in-mask MSE): "
+            f"refiner-rl refine --model {os.path.join(out, 'grpo')} --records {held_out_files['shifted']} "
+            f"--output_dir {refined}"
+        )
     print(f"[demo] report: {os.path.join(out, 'report.json')}; total {report['seconds']:.0f} s")
     return 0
+
+
+def _save_evaluated_sampler(folder: str, sampler) -> None:
+    """Record in ``folder``'s model settings the sampler its table rows were measured with (steps and noise seed;
+    the trainer saved its own), so ``refiner-rl refine`` of the held-out files reproduces them with no flag."""
+    from refiner_rl import model_settings
+
+    settings = model_settings.load(folder)
+    settings.sampler.update(num_inference_steps=sampler.num_steps, seed=sampler.seed)
+    model_settings.save(settings, folder)
 
 
 def _sft_weights_args(model_args, sft_dir: str) -> list[str]:

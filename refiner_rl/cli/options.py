@@ -75,11 +75,11 @@ def _tree(module: str) -> ast.Module:
         return ast.parse(f.read())
 
 
-def _constant(module: str, name: str, depth: int = 0):
-    """The literal value of ``module.name``, following ``from x import name`` re-exports."""
+def _definition(module: str, name: str, depth: int = 0) -> tuple[str, ast.expr]:
+    """``(module, value node)`` of the assignment of ``module.name``, following ``from x import name`` re-exports."""
     for node in _tree(module).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return ast.literal_eval(node.value)
+            return module, node.value
         if isinstance(node, ast.ImportFrom) and depth < 5:
             for alias in node.names:
                 if (alias.asname or alias.name) == name:
@@ -89,8 +89,30 @@ def _constant(module: str, name: str, depth: int = 0):
                         is_pkg = _source_file(module).endswith("__init__.py")
                         pkg = pkg[: len(pkg) - node.level + (1 if is_pkg else 0)]
                         src = ".".join(pkg + ([node.module] if node.module else []))
-                    return _constant(src, alias.name, depth + 1)
+                    return _definition(src, alias.name, depth + 1)
     raise KeyError(f"{module}.{name}")
+
+
+def _literal(module: str, name: str) -> tuple | None:
+    """The values of ``module.name`` when it is a ``Literal[...]`` alias (a choice type), else None."""
+    try:
+        _, node = _definition(module, name)
+    except (KeyError, OSError, AttributeError):
+        return None
+    if not (isinstance(node, ast.Subscript) and getattr(node.value, "id", "") == "Literal"):
+        return None
+    elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+    return tuple(ast.literal_eval(e) for e in elts)
+
+
+def _constant(module: str, name: str):
+    """The literal value of ``module.name`` (``get_args(Alias)`` of a ``Literal`` alias: its values)."""
+    where, node = _definition(module, name)
+    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "get_args" and len(node.args) == 1:
+        values = _literal(where, getattr(node.args[0], "id", ""))
+        if values is not None:
+            return values
+    return ast.literal_eval(node)
 
 
 def _text(node: ast.expr | None, module: str) -> str:
@@ -150,11 +172,17 @@ def class_options(module: str, cls: str) -> list[tuple[str, str, str, str]]:
                         help_ = _text(v, module)
         elif call is not None:
             default = ast.unparse(call)
-        out.append((stmt.target.id, ast.unparse(stmt.annotation), default, " ".join(help_.split())))
+        annotation = ast.unparse(stmt.annotation)
+        choices = _literal(module, annotation.removesuffix(" | None"))
+        if choices is not None:  # a Literal alias: its values, as argparse shows choices
+            annotation = "{" + ",".join(map(str, choices)) + "}"
+        out.append((stmt.target.id, annotation, default, " ".join(help_.split())))
     return out
 
 
 def _metavar(annotation: str) -> str:
+    if annotation.startswith("{"):  # choices
+        return annotation
     a = annotation.replace(" ", "")
     for word, meta in (("bool", "BOOL"), ("int", "INT"), ("float", "FLOAT"), ("list", "LIST"), ("dict", "MAPPING")):
         if a.startswith(word) or f"|{word}" in a:
@@ -162,10 +190,12 @@ def _metavar(annotation: str) -> str:
     return "STR"
 
 
-def _line(name: str, annotation: str, default: str, help_: str) -> str:
+def _line(name: str, annotation: str, default: str, help_: str, max_lines: int | None = None) -> str:
     head = f"  --{name} {_metavar(annotation)}"
     tail = help_ + (f" (default: {default})" if default not in ("", "None") else "")
     body = textwrap.wrap(tail, 118 - 36) or [""]
+    if max_lines and len(body) > max_lines:  # a long inherited text: its start (--help-all has it whole)
+        body = body[: max_lines - 1] + [textwrap.shorten(" ".join(body[max_lines - 1 :]), 118 - 36, placeholder=" ...")]
     first = f"{head:<36}{body[0]}" if len(head) < 36 else f"{head}\n{'':<36}{body[0]}"
     return "\n".join([first] + [f"{'':<36}{b}" for b in body[1:]])
 
@@ -202,7 +232,7 @@ def stage_help(stage: str) -> str:
         found = [o for o in _inherited(module, cls) if o[0] == name]
         if found:
             shown.add(name)
-            lines.append(_line(*found[0]))
+            lines.append(_line(*found[0], max_lines=3))
     return "\n".join(lines)
 
 

@@ -65,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--true_cfg_scale", type=float, default=None)
     g.add_argument("--negative_prompt", default="")
     g.add_argument("--focus_crop", type=_bool, default=None, help="Refine a crop around the mask, pasted back")
-    g.add_argument("--seed", type=int, default=0, help="Record i's noise is keyed by (seed, i), as eval's")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Record i's noise is keyed by (seed, i), as eval's (default: the seed the model's figures were measured "
+        "with, when it saved one, else 0)",
+    )
     g = p.add_argument_group("serving (default: as the model was trained)")
     g.add_argument("--reference_alignment", default=None, choices=["none", "register"])
     g.add_argument("--reference_positions", default=None, choices=["grid", "none", "beside"])

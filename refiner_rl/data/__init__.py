@@ -8,7 +8,7 @@ from refiner_rl.data.records import (
     collate_triplets,
 )
 from refiner_rl.data.sources import RecordSource, load_records
-from refiner_rl.data.synthetic import mask_task_records, synthetic_records, write_synthetic_dataset
+from refiner_rl.data.synthetic import mask_task_records, synthetic_records, write_records, write_synthetic_dataset
 from refiner_rl.data.validation import ValidationReport, validate_records
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "mask_task_records",
     "synthetic_records",
     "validate_records",
+    "write_records",
     "write_synthetic_dataset",
 ]

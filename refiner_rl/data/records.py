@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ __all__ = [
     "validate_records",
 ]
 ITEM_FIELDS = ("prompt", "index", "draft", "mask")  # every item has these (and a triplet's its reference)
-REFERENCE_ALIGNMENTS = ("none", "register")
+ReferenceAlignment = Literal["none", "register"]
+REFERENCE_ALIGNMENTS = get_args(ReferenceAlignment)
 
 
 def fit_size(height: int, width: int, resolution: int | None, multiple: int) -> tuple[int, int]:

@@ -358,22 +358,29 @@ def synthetic_records(
 
 
 def write_synthetic_dataset(folder: str, n: int, seed: int = 0, size: int = 32, **kwargs) -> str:
-    """Write ``n`` records as PNG files plus ``records.jsonl`` (paths relative to ``folder``; the ``ref_*``
-    geometry fields are written as they are; several references as a list of paths)."""
+    """Write ``n`` synthetic records with :func:`write_records`; returns the path of ``records.jsonl``."""
+    return write_records(folder, synthetic_records(n, seed, size, **kwargs))
+
+
+def write_records(folder: str, records: Sequence[dict]) -> str:
+    """Write records holding PIL images as PNG files (``<id>_<field>.png``; a list of images, e.g. several
+    references, as ``<id>_<field>_<k>.png`` and a list of paths) plus ``records.jsonl`` with their paths relative to
+    ``folder``; other fields (prompt, id, the ``ref_*`` geometry) are written as they are. Returns the path of
+    ``records.jsonl``."""
     os.makedirs(folder, exist_ok=True)
     lines = []
-    for rec in synthetic_records(n, seed, size, **kwargs):
-        images = ("target", "draft", "reference", "mask")
-        row = {k: v for k, v in rec.items() if k not in images}
-        for key in images:
-            if isinstance(rec[key], list):
-                row[key] = [f"{rec['id']}_{key}_{j}.png" for j in range(len(rec[key]))]
-                for name, image in zip(row[key], rec[key]):
+    for rec in records:
+        row = {}
+        for key, value in rec.items():
+            if isinstance(value, Image.Image):
+                row[key] = f"{rec['id']}_{key}.png"
+                value.save(os.path.join(folder, row[key]))
+            elif isinstance(value, list) and value and all(isinstance(v, Image.Image) for v in value):
+                row[key] = [f"{rec['id']}_{key}_{j}.png" for j in range(len(value))]
+                for name, image in zip(row[key], value):
                     image.save(os.path.join(folder, name))
-                continue
-            name = f"{rec['id']}_{key}.png"
-            rec[key].save(os.path.join(folder, name))
-            row[key] = name
+            else:
+                row[key] = value
         lines.append(json.dumps(row))
     path = os.path.join(folder, "records.jsonl")
     with open(path, "w") as f:

@@ -15,12 +15,15 @@ noise, s = 0 is the clean image.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-TRAINING_SIGMA_SCHEMES = ("logit_normal", "uniform", "mode")
-LOSS_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
+SigmaScheme = Literal["logit_normal", "uniform", "mode"]
+LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
+TRAINING_SIGMA_SCHEMES = get_args(SigmaScheme)
+LOSS_WEIGHTING_SCHEMES = get_args(LossWeighting)
 
 
 def calculate_shift(

@@ -31,11 +31,12 @@ little, which is why GRPO clip ranges here are ~1e-4. ``kl_same_std`` is reduced
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
-STEP_RULES = ("ode", "flow_sde", "dance", "cps")
+StepRule = Literal["ode", "flow_sde", "dance", "cps"]
+STEP_RULES = get_args(StepRule)
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 
 

@@ -20,10 +20,12 @@ seed the generator identically on every rank so that all ranks train the same st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-WINDOW_MODES = ("fixed", "sliding", "random")
+WindowMode = Literal["fixed", "sliding", "random"]
+WINDOW_MODES = get_args(WindowMode)
 
 
 def _start_range(num_steps: int, size: int, start: int, mode: str, stride: int, max_start: int | None):

@@ -33,23 +33,17 @@ def reward_columns(batch: dict) -> dict[str, list]:
 def evaluate(
     policy,
     dataset,
+    sampler: SamplerSettings | None = None,
     *,
-    num_steps: int = 10,
     batch_size: int = 16,
-    seed: int = 0,
-    start_sigma: float = 1.0,
-    paste: bool = False,
-    true_cfg_scale: float = 1.0,
-    negative_prompt: str = "",
     rewards: Sequence | None = None,
     reward_weights: Sequence[float] | None = None,
     reward_names: Sequence[str] | None = None,
     reward_extras: dict | None = None,
     transformer=None,
-    focus=None,
 ) -> dict[str, float]:
-    """Held-out metrics of ODE samples (record ``i`` draws its noise from ``(seed, i)``: two policies are compared
-    on the same draws).
+    """Held-out metrics of ``sampler``'s samples (default :class:`SamplerSettings`; record ``i`` draws its noise
+    from ``(sampler.seed, i)``: two policies are compared on the same draws).
 
     With targets: ``mse_output_in`` / ``mse_output_out`` (mean over images of the masked MSE against the target,
     inside / outside the mask), the same for the draft (``mse_draft_*``) and ``mse_in_ratio = output_in /
@@ -58,7 +52,7 @@ def evaluate(
     ``rewards/<name>/failed_frac``, ``reward`` = mean over samples of ``sum_k w_k r_k`` over the rewards that scored
     it, and ``reward_failed_frac``: a sample no reward scored is excluded, never counted as 0. ``reward_extras``
     are passed to every reward call as they are (e.g. TRL's ``trainer_state``)."""
-    sampler = SamplerSettings(num_steps, seed, start_sigma, paste, true_cfg_scale, negative_prompt, focus)
+    sampler = sampler or SamplerSettings()
     rewards = list(rewards or [])
     names = list(reward_names or reward_labels(rewards))
     weights = torch.tensor(list(reward_weights) if reward_weights is not None else [1.0] * len(rewards))

@@ -11,13 +11,16 @@ Loading, text encoding, the velocity forward and LoRA are shared by every FLUX.1
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from refiner_rl.policies.flux import Conditions, FluxPolicy, TextEmbeds, image_ids
 
-__all__ = ["REFERENCE_POSITIONS", "KontextPolicy", "reference_ids"]
+__all__ = ["REFERENCE_POSITIONS", "KontextPolicy", "ReferencePositions", "reference_ids"]
 
-REFERENCE_POSITIONS = ("grid", "none", "beside")
+ReferencePositions = Literal["grid", "none", "beside"]
+REFERENCE_POSITIONS = get_args(ReferencePositions)
 
 
 def reference_ids(grid_h: int, grid_w: int, index: int, positions: str = "grid", draft_w: int = 0, device=None):

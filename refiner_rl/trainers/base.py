@@ -303,15 +303,32 @@ EVAL_SEED = 1234  # held-out noise: the same draws at every evaluation, so check
 
 class RewardTrainerMixin(PolicyTrainerMixin):
     """What the reward-driven trainers (GRPO and its objectives, ReFL) share, written once: the reference policy,
-    per-process metric means, the W&B sample table and the held-out evaluation.
+    the EMA life cycle (kept, saved, restored on resume), logged metrics (per-process means, the W&B sample table),
+    the sampler settings and the held-out evaluation.
 
-    A subclass sets ``self.rewards``, ``self.reward_names``, ``self.reward_weights``, ``self.ema`` (or None) and
-    ``self._last_samples``, and defines :meth:`evaluation_settings`."""
+    A subclass calls :meth:`init_reward_state`, sets ``self.rewards``, ``self.reward_names`` and
+    ``self.reward_weights``, appends to ``self._metrics["train"]`` and sets ``self._last_samples`` while training,
+    and defines :meth:`evaluation_settings`."""
 
     evaluate_with_ema = (
         True  # evaluate the EMA weights when the trainer keeps an EMA (GRPO); ReFL's EMA is its reference
     )
     reference_is_ema = False  # the reference policy is the EMA (ReFL's OneReward-Dynamic), not the frozen start
+    ema_resume_hint = "resume with the same ema_decay the checkpoint was written with"
+
+    def init_reward_state(self, policy, *, frozen_reference: bool, ema: bool, ema_decay: float) -> None:
+        """The reference policy (:meth:`init_reference`), an EMA of the trained weights updated after every optimizer
+        step when ``ema`` (else ``self.ema`` is None), and empty metric lists."""
+        from collections import defaultdict
+
+        from refiner_rl.trainers.ema import EMA, EMACallback
+
+        self.init_reference(policy, frozen_copy=frozen_reference)
+        self.ema = EMA(policy.transformer, ema_decay) if ema else None
+        if self.ema is not None:
+            self.add_callback(EMACallback(self))
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._last_samples: dict | None = None
 
     def init_reference(self, policy, frozen_copy: bool) -> None:
         """``self.ref_transformer``: a frozen copy of the starting transformer when ``frozen_copy`` and the policy has
@@ -348,6 +365,19 @@ class RewardTrainerMixin(PolicyTrainerMixin):
             metrics = dict(zip(keys, self.accelerator.reduce(vals, reduction="mean").tolist()))
         return metrics
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's log with this mode's collected metrics (:meth:`process_means`; ``eval_``-prefixed in eval
+        mode), then, in training, the W&B sample table when ``log_samples``."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self.process_means(self._metrics[mode])
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+        if mode == "train" and self.args.log_samples and self._last_samples is not None:
+            if self.accelerator.is_main_process:
+                self._log_sample_table()
+
     def _log_sample_table(self) -> None:
         """The last training batch as a W&B table: draft, reference (or mask), sample, target, total and each reward."""
         targets = [self.args.report_to] if isinstance(self.args.report_to, str) else list(self.args.report_to or [])
@@ -378,8 +408,33 @@ class RewardTrainerMixin(PolicyTrainerMixin):
             table.add_data(*row, *[float(v) for v in s["scores"][i]])
         wandb.log({"samples": table}, commit=False)
 
-    def evaluation_settings(self) -> dict:  # pragma: no cover - interface
-        raise NotImplementedError
+    def sampler_settings(self, seed: int = EVAL_SEED):
+        """This config's ODE sampler as :class:`~refiner_rl.evaluation.SamplerSettings` (the full schedule, no SDE
+        window), drawing record ``i``'s noise from ``(seed, i)``."""
+        from refiner_rl.evaluation import SamplerSettings
+
+        a = self.args
+        focus = a.focus_settings() if hasattr(a, "focus_settings") else None
+        return SamplerSettings(
+            num_steps=a.num_inference_steps,
+            seed=seed,
+            start_sigma=a.start_sigma,
+            paste=a.paste_back,
+            true_cfg_scale=getattr(a, "true_cfg_scale", 1.0),
+            negative_prompt=getattr(a, "negative_prompt", ""),
+            focus=focus,
+        )
+
+    def evaluation_settings(self) -> dict:
+        """Keyword arguments of :func:`refiner_rl.evaluation.evaluate`: :meth:`sampler_settings` with fixed noise
+        (``EVAL_SEED``), the eval batch size, the rewards and their weights."""
+        return dict(
+            sampler=self.sampler_settings(),
+            batch_size=self.args.per_device_eval_batch_size,
+            rewards=self.rewards,
+            reward_weights=self.reward_weights.tolist(),
+            reward_names=self.reward_names,
+        )
 
     def _before_evaluation(self, dataset) -> None:
         """Hook: anything :meth:`evaluation_settings` needs from the held-out set (ReFL: the reference's samples)."""
@@ -410,3 +465,26 @@ class RewardTrainerMixin(PolicyTrainerMixin):
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in res.items()}
         Trainer.log(self, dict(metrics))  # a copy: Trainer.log adds `epoch` to the dict it logs
         return metrics
+
+    # ------------------------------------------------------------------------------------------ the EMA
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The live weights (base class), plus with an EMA its shadow (``ema_state.safetensors``, for resume) and
+        :meth:`_save_ema_weights`. Checkpoints call this inside their temporary folder, so the EMA is part of the
+        atomic rename."""
+        super()._save(output_dir, state_dict)
+        if self.ema is None or not self.args.should_save:
+            return
+        from refiner_rl.trainers.ema import save_ema_state
+
+        output_dir = output_dir or self.args.output_dir
+        save_ema_state(self.ema, output_dir)
+        self._save_ema_weights(output_dir, state_dict)
+
+    def _save_ema_weights(self, output_dir: str, state_dict: dict | None) -> None:
+        """Hook: the EMA weights in a loadable format (GRPO writes ``ema/``); ReFL's EMA is only its reference."""
+
+    def _load_extra_state(self, checkpoint: str) -> None:
+        if self.ema is not None:
+            from refiner_rl.trainers.ema import load_ema_checkpoint
+
+            load_ema_checkpoint(self.ema, checkpoint, self.ema_resume_hint)

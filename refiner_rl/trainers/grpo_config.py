@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from trl import GRPOConfig
 
 from refiner_rl.distributed import prepare_cpu_distributed
-from refiner_rl.dynamics import STEP_RULES, WINDOW_MODES
+from refiner_rl.dynamics.steps import STEP_RULES, StepRule
+from refiner_rl.dynamics.window import WINDOW_MODES, WindowMode
 from refiner_rl.errors import ConfigError
 from refiner_rl.focus import FocusArguments
 
@@ -19,9 +21,12 @@ from refiner_rl.focus import FocusArguments
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = {"group": "group", "batch": "batch", "none": "none", "true": "group", "false": "none"}
 # What happens after the group rollout and its advantages (docs/algorithms.md#objectives-on-the-same-rollouts).
-OBJECTIVES = ("grpo", "nft", "awm")
-TRAIN_TIMESTEP_SAMPLING = ("uniform", "logit_normal", "schedule")
-OLD_POLICIES = ("rollout", "ema")
+Objective = Literal["grpo", "nft", "awm"]
+TrainTimestepSampling = Literal["uniform", "logit_normal", "schedule"]
+OldPolicy = Literal["rollout", "ema"]
+OBJECTIVES = get_args(Objective)
+TRAIN_TIMESTEP_SAMPLING = get_args(TrainTimestepSampling)
+OLD_POLICIES = get_args(OldPolicy)
 
 # GRPOConfig fields that mean nothing for an image policy (text generation, vLLM, tokenizer padding, LM-only
 # losses and logging). Setting one to anything but its default is a ConfigError naming it.
@@ -172,15 +177,13 @@ class FlowGRPOConfig(FocusArguments, GRPOConfig):
         },
     )
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of a rollout."})
-    sde_type: str = field(
-        default="flow_sde", metadata={"help": f"Step rule of stochastic steps: {', '.join(STEP_RULES)}."}
-    )
+    sde_type: StepRule = field(default="flow_sde", metadata={"help": "Step rule of stochastic steps."})
     noise_level: float = field(
         default=0.9, metadata={"help": "SDE noise level a (about 0.7 for SD3, 0.9 for Flux/Kontext)."}
     )
     sde_window_size: int = field(default=2, metadata={"help": "Number of stochastic, trained steps per rollout."})
     sde_window_start: int = field(default=0, metadata={"help": "First stochastic step (fixed mode)."})
-    sde_window_mode: str = field(default="fixed", metadata={"help": f"Window placement: {', '.join(WINDOW_MODES)}."})
+    sde_window_mode: WindowMode = field(default="fixed", metadata={"help": "Window placement."})
     sde_window_stride: int = field(default=1, metadata={"help": "Sliding mode: steps the window moves per rollout."})
     sde_window_max_start: int | None = field(
         default=None, metadata={"help": "Latest window start (sliding/random); default num_inference_steps - 1 - size."}
@@ -212,19 +215,18 @@ class FlowGRPOConfig(FocusArguments, GRPOConfig):
         default=0.0, metadata={"help": "0 = scalar advantages; 1 = per-patch advantages from reward maps."}
     )
     ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of trained weights (0 = off)."})
-    objective: str = field(default="grpo", metadata={"help": f"What trains on the rollouts: {', '.join(OBJECTIVES)}."})
+    objective: Objective = field(default="grpo", metadata={"help": "What trains on the rollouts."})
     ratio_normalization: bool = field(
         default=False, metadata={"help": "GRPO-Guard: normalise the log-ratio per timestep (objective grpo)."}
     )
     train_timesteps: int = field(
         default=2, metadata={"help": "nft/awm: re-noised timesteps per sample and update (one backward each)."}
     )
-    train_timestep_sampling: str = field(
-        default="uniform",
-        metadata={"help": f"nft/awm: how t is drawn: {', '.join(TRAIN_TIMESTEP_SAMPLING)} (within [0, start_sigma])."},
+    train_timestep_sampling: TrainTimestepSampling = field(
+        default="uniform", metadata={"help": "nft/awm: how t is drawn (within [0, start_sigma])."}
     )
-    old_policy: str = field(
-        default="rollout", metadata={"help": f"nft/awm: the old policy: {', '.join(OLD_POLICIES)} (ema: of ema_decay)."}
+    old_policy: OldPolicy = field(
+        default="rollout", metadata={"help": "nft/awm: the old policy: the rollout weights, or the EMA of ema_decay."}
     )
     nft_beta: float = field(default=1.0, metadata={"help": "nft: beta of the implicit policies v+- (> 0)."})
     nft_adaptive_weight: bool = field(

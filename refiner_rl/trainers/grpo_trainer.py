@@ -8,19 +8,21 @@ Read top to bottom, one rollout is:
 3. decode, score with every reward (failures become ``None``, never a crash), gather scores across
    processes, compute group advantages (optionally per patch);
 4. for each micro-batch of the buffered rollout and each trained step: recompute the log-prob with the same
-   velocity forward (:meth:`FlowGRPOTrainer.step_distribution`), clipped surrogate + ``beta`` x KL against
-   the reference, backward.
+   velocity forward, clipped surrogate + ``beta`` x KL against the reference, backward.
 
-``objective: nft | awm`` (DiffusionNFT, Advantage Weighted Matching) share steps 1 and 3: the rollout is ODE only,
-and step 4 trains on re-noised clean samples with the flow-matching forward (``trainers.objectives``).
+Step 2's SDE window and step 4 belong to the objective (``trainers.objectives``): ``grpo`` as above, or ``nft`` / ``awm``
+(DiffusionNFT, Advantage Weighted Matching), whose rollout is ODE only and whose step 4 trains on re-noised clean
+samples with the flow-matching forward.
 
 It builds on ``transformers.Trainer`` (like TRL's lean experimental trainers) and keeps TRL's config names
 and metric names; TRL's ``GRPOTrainer`` itself assumes a causal LM (docs/algorithms.md#pitfalls-we-guard-against).
 
-Why this file is ~600 lines: it is the GRPO loop itself (rollout, scoring, advantages, loss, logging, held-out
-evaluation, checkpoint hooks), kept in one file so it can be read in one sitting, as the steps above list it. The
-pieces that stand alone live elsewhere: sampling in ``refiner_rl.sampling``, step math in ``refiner_rl.dynamics``,
-losses in ``trainers.losses``, the per-step backward in ``trainers.backward``, rewards in ``refiner_rl.scoring``.
+This file is the group loop itself (rollout, scoring, advantages, buffering, the per-term backward, checkpoint
+hooks), kept in one file so it can be read in one sitting, as the steps above list it. The pieces that stand alone
+live elsewhere: what trains on a rollout in ``trainers.objectives``, the reference policy, EMA, logging and held-out
+evaluation shared with ReFL in ``trainers.base``, sampling in ``refiner_rl.sampling``, step math in
+``refiner_rl.dynamics``, losses in ``trainers.losses``, the per-term backward in ``trainers.backward``, rewards in
+``refiner_rl.scoring``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from trl.trainer.utils import RepeatSampler
 from refiner_rl.configs import resolve_policy
 from refiner_rl.data import TripletDataset
 from refiner_rl.distributed import keyed_generator
-from refiner_rl.dynamics import WindowSchedule, kl_same_std, log_prob, step_mean_std
 from refiner_rl.errors import RewardError
 from refiner_rl.evaluation import reward_columns
 from refiner_rl.policies.base import EditorPolicy
@@ -49,17 +50,14 @@ from refiner_rl.sampling import batch_conditions, sample_trajectories
 from refiner_rl.scoring.aggregate import compute_advantages, spatial_advantages
 from refiner_rl.scoring.batch import score_batch
 from refiner_rl.scoring.registry import check_required_fields
-from refiner_rl.trainers import objectives
 from refiner_rl.trainers.backward import backward_per_term, per_term_backward_supported
 from refiner_rl.trainers.base import (
-    EVAL_SEED,
     FULL_WEIGHTS_DIR,
     RewardTrainerMixin,
     save_transformer_state_dict,
 )
-from refiner_rl.trainers.ema import EMA, EMACallback, load_ema_checkpoint, save_ema_state
 from refiner_rl.trainers.grpo_config import FlowGRPOConfig
-from refiner_rl.trainers.losses import clipped_surrogate, guard_log_ratio
+from refiner_rl.trainers.objectives import objective_for
 
 logger = logging.getLogger(__name__)
 EMA_DIR = "ema"  # the EMA weights in the same format as the live ones (LoRA or transformer/)
@@ -102,24 +100,10 @@ class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
         self.model_accepts_loss_kwargs = False
         for r in rewards:
             r.to(self.accelerator.device)
-        self.window = None  # nft/awm: ODE rollouts, no SDE window
-        if args.objective == "grpo":
-            self.window = WindowSchedule(
-                num_steps=args.num_inference_steps,
-                size=args.sde_window_size,
-                start=args.sde_window_start,
-                mode=args.sde_window_mode,
-                stride=args.sde_window_stride,
-                max_start=args.sde_window_max_start,
-            )
-        self.init_reference(policy, frozen_copy=args.beta > 0)
-        self.ema = EMA(policy.transformer, args.ema_decay) if args.ema_decay > 0 else None
-        if self.ema is not None:
-            self.add_callback(EMACallback(self))
+        self.objective = objective_for(self)  # what trains on the rollouts (trainers.objectives)
+        self.init_reward_state(policy, frozen_reference=args.beta > 0, ema=args.ema_decay > 0, ema_decay=args.ema_decay)
         self._step = 0
         self._buffered_inputs: list[dict] | None = None
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._last_samples: dict | None = None
         self._failed_rollouts = 0  # consecutive rollouts in which some reward scored no sample
         # Wall-clock seconds per phase (rollout, reward, advantages per rollout; train per micro-step), for benches.
         self.timings: dict[str, list[float]] = defaultdict(list)
@@ -191,11 +175,7 @@ class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
         batch = crop.batch if crop is not None else batch
         cond, _ = self._conditions(batch)
         n = cond.batch_size
-        steps = []
-        if self.window is not None:
-            steps = self.window.steps(
-                self.rollout_index, generator=torch.Generator().manual_seed(args.seed + self.rollout_index)
-            )
+        steps = self.objective.sde_steps(self.rollout_index)
         # Sampling noise: one generator per sample, keyed by (seed, rollout, position in the global generation batch),
         # so a resumed run draws the same noise and N processes x n samples draw exactly what 1 process x N*n draws.
         g = [keyed_generator(args.seed, self.rollout_index, acc.process_index * n + j) for j in range(n)]
@@ -210,10 +190,7 @@ class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
         model.eval()
         try:
             trajs, sigmas, images = self._sample(batch, cond, g, steps, transformer=model, init_generator=init_g)
-            if self.window is None:  # nft/awm: re-noised clean samples and the old velocity, keyed like the noise
-                keys = [keyed_generator(args.seed, self.rollout_index, acc.process_index * n + j, -2) for j in range(n)]
-                x0 = torch.cat([t.latents for t in trajs])
-                train_inputs = objectives.renoised_inputs(self, model, cond, x0, sigmas, keys)
+            train_inputs = self.objective.rollout_inputs(model, cond, trajs, sigmas)
         finally:
             model.train(was_training)
         t1 = _now(dev)
@@ -257,19 +234,7 @@ class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
             "scores": scores.cpu(),
             "total": res.total_reward[local].cpu(),
         }
-        out = {"cond": cond, "advantages": adv, "token_advantages": token_adv, "sigmas": sigmas}
-        if self.window is None:
-            return {**out, **train_inputs, "sde_steps": []}
-        out.update(
-            states=torch.cat([t.states for t in trajs]),
-            next_states=torch.cat([t.next_states for t in trajs]),
-            old_log_probs=torch.cat([t.log_probs for t in trajs]),
-            old_log_prob_tokens=torch.cat([t.log_prob_tokens for t in trajs]),
-            sde_steps=trajs[0].sde_steps,
-        )
-        if args.ratio_normalization:
-            out["old_means"] = torch.cat([t.means for t in trajs])
-        return out
+        return {"cond": cond, "advantages": adv, "token_advantages": token_adv, "sigmas": sigmas, **train_inputs}
 
     def _check_reward_failures(self, scores: torch.Tensor, errors: dict[str, str]) -> None:
         """Count consecutive rollouts in which some reward scored no sample of the (gathered) batch; at
@@ -333,42 +298,11 @@ class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
         return loss
 
     # ----------------------------------------------------------------------------------------------- loss
-    def step_distribution(self, model, inputs: dict, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of ``p_theta(x_{j+1} | x_j)`` at the ``j``-th trained step of the buffered rollout,
-        through the same velocity forward and step rule as the rollout (with gradient when enabled)."""
-        args, sigmas = self.args, inputs["sigmas"]
-        x, step = inputs["states"][:, j], inputs["sde_steps"][j]
-        s, s_next = sigmas[step].item(), sigmas[step + 1].item()
-        v = self.policy.velocity(
-            x,
-            torch.full((x.shape[0],), s, device=x.device),
-            inputs["cond"],
-            transformer=model,
-            true_cfg_scale=args.true_cfg_scale,
-        )
-        sigma_max = sigmas[1] if len(sigmas) > 1 else None
-        return step_mean_std(args.sde_type, x, v, s, s_next, args.noise_level, sigma_max=sigma_max)
-
-    @torch.no_grad()
-    def recompute_log_probs(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs ``[B, K]`` and per-token ``[B, K, N]`` of the stored next states under the current policy:
-        what ``compute_loss`` compares with ``old_log_probs`` (equal before any update: the ratio invariant)."""
-        out = [
-            log_prob(inputs["next_states"][:, j], *self.step_distribution(model, inputs, j))
-            for j in range(len(inputs["sde_steps"]))
-        ]
-        return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
-
-    def _reference_mean(self, model, inputs: dict, j: int) -> torch.Tensor:
-        """Step mean of the reference policy: the LoRA adapter disabled, or the frozen copy (full fine-tuning)."""
-        with torch.no_grad(), self.reference_transformer(model) as ref:
-            return self.step_distribution(ref, inputs, j)[0]
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``mean_j [ mean_i max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) + beta KL_j ]`` over the K trained
-        steps, with ``r = exp(log p_theta - log p_old)`` per sample (per token with spatial advantages).
+        """``(1/K) sum_j L_j`` over the objective's K terms (for ``grpo``: ``mean_i max(-A r, -A clip(r, 1 - eps,
+        1 + eps_high)) + beta KL_j`` at each trained step).
 
-        The whole loss with the graphs of all K steps: training calls :meth:`step_loss` per step instead and
+        The whole loss with the graphs of all K terms: training calls :meth:`term_loss` per term instead and
         back-propagates each as soon as it is formed (:attr:`backward_per_step`)."""
         stats = defaultdict(list)
         k = self.num_terms(inputs)
@@ -380,46 +314,11 @@ class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
 
     def num_terms(self, inputs: dict) -> int:
         """Terms of the loss, each with its own forward: GRPO's trained steps, or nft/awm's re-noised times."""
-        return len(inputs["sde_steps"]) if self.window is not None else inputs["timesteps"].shape[1]
+        return self.objective.num_terms(inputs)
 
     def term_loss(self, model, inputs: dict, j: int, stats: dict[str, list[float]]) -> torch.Tensor:
-        """The ``j``-th term of the objective's loss: :meth:`step_loss` (grpo) or :func:`objectives.term_loss`."""
-        if self.window is not None:
-            return self.step_loss(model, inputs, j, stats)
-        return objectives.term_loss(self, model, inputs, j, stats)
-
-    def step_loss(self, model, inputs: dict, j: int, stats: dict[str, list[float]] | None = None) -> torch.Tensor:
-        """``L_j = mean_i max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) + beta KL_j`` at the ``j``-th trained step
-        (with its graph); appends the step's ratio, clip fractions and KL to ``stats``. With
-        ``ratio_normalization`` (GRPO-Guard), ``log r`` is :func:`guard_log_ratio` of the step."""
-        args = self.args
-        adv, tok_adv = inputs["advantages"], inputs["token_advantages"]
-        eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        stats = stats if stats is not None else defaultdict(list)
-        # The no-grad reference forward runs first, so its activations are never alive next to this step's graph.
-        ref_mean = self._reference_mean(model, inputs, j) if args.beta > 0 else None
-        mean, std = self.step_distribution(model, inputs, j)
-        lp, lp_tok = log_prob(inputs["next_states"][:, j], mean, std)
-        # Per-token advantages: per-token ratios against the rollout's per-token log-probs.
-        lp, old, a = (
-            (lp, inputs["old_log_probs"][:, j], adv)
-            if tok_adv is None
-            else (lp_tok, inputs["old_log_prob_tokens"][:, j], tok_adv)
-        )
-        if args.ratio_normalization:
-            lp = guard_log_ratio(lp, old, mean, inputs["old_means"][:, j], std)
-            old = torch.zeros_like(lp)
-        per, clip = clipped_surrogate(lp, old, a, args.epsilon, eps_high)
-        loss = per.mean()
-        if args.beta > 0:
-            kl, _ = kl_same_std(mean, ref_mean, std)
-            loss = loss + args.beta * kl.mean()
-            stats["kl"].append(kl.mean().item())
-        stats["ratio"].append(clip["ratio"].mean().item())
-        stats["clip_ratio/low_mean"].append(clip["low"].mean().item())
-        stats["clip_ratio/high_mean"].append(clip["high"].mean().item())
-        stats["clip_ratio/region_mean"].append(clip["region"].mean().item())
-        return loss
+        """The ``j``-th term of the objective's loss (:meth:`Objective.term_loss`)."""
+        return self.objective.term_loss(model, inputs, j, stats)
 
     def _log_step_stats(self, stats: dict[str, list[float]]) -> None:
         for k, vals in stats.items():
@@ -443,55 +342,15 @@ class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
         self._log_step_stats(stats)
         return loss
 
-    # ------------------------------------------------------------------------------------------- logging
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        # kl, ratio and clip fractions are per-process means, averaged over processes as the loss is; the reward
-        # statistics are already global and stay unchanged
-        metrics = self.process_means(self._metrics[mode])
-        if mode == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        logs = {**logs, **metrics}
-        super().log(logs, start_time)
-        self._metrics[mode].clear()
-        if (
-            mode == "train"
-            and self.args.log_samples
-            and self._last_samples is not None
-            and self.accelerator.is_main_process
-        ):
-            self._log_sample_table()
-
     # ------------------------------------------------------------------------------------------ held-out
     def evaluation_settings(self) -> dict:
-        """Keyword arguments of :func:`refiner_rl.evaluation.evaluate` for this trainer: its sampler without the
-        SDE window (full schedule), its rewards and weights, and fixed noise (``EVAL_SEED``)."""
-        a = self.args
-        return dict(
-            num_steps=a.num_inference_steps,
-            batch_size=a.per_device_eval_batch_size,
-            seed=EVAL_SEED,
-            start_sigma=a.start_sigma,
-            paste=a.paste_back,
-            true_cfg_scale=a.true_cfg_scale,
-            negative_prompt=a.negative_prompt,
-            focus=a.focus_settings(),
-            rewards=self.rewards,
-            reward_weights=self.reward_weights.tolist(),
-            reward_names=self.reward_names,
-            reward_extras={"trainer_state": self.state},
-        )
+        """The shared settings (:meth:`RewardTrainerMixin.evaluation_settings`), with TRL's ``trainer_state`` passed
+        to the rewards as in training."""
+        return {**super().evaluation_settings(), "reward_extras": {"trainer_state": self.state}}
 
     # ------------------------------------------------------------------------------------- checkpointing
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The live weights (base class), plus with EMA: its shadow (``ema_state.safetensors``, for resume) and
-        the EMA weights in the same format under ``ema/``. Checkpoints call this inside their temporary folder, so the
-        EMA is part of the atomic rename."""
-        super()._save(output_dir, state_dict)
-        if self.ema is None or not self.args.should_save:
-            return
-        output_dir = output_dir or self.args.output_dir
-        save_ema_state(self.ema, output_dir)
+    def _save_ema_weights(self, output_dir: str, state_dict: dict | None) -> None:
+        """The EMA weights in the same format as the live ones, under ``ema/``."""
         # Written from the shadow, not by swapping it into the module: only this rank saves, and under ZeRO-3 the
         # module's weights are partitioned (swapping would need every rank).
         model = self.accelerator.unwrap_model(self.model)
@@ -502,13 +361,6 @@ class FlowGRPOTrainer(RewardTrainerMixin, Trainer):
         else:
             live = state_dict if state_dict else model.state_dict()  # gathered under ZeRO-3
             save_transformer_state_dict(model, os.path.join(output_dir, EMA_DIR, FULL_WEIGHTS_DIR), {**live, **ema})
-
-    def _load_extra_state(self, resume_from_checkpoint: str) -> None:
-        # Called on resume by the base class with every launcher (DeepSpeed never calls _load_from_checkpoint).
-        if self.ema is not None:
-            load_ema_checkpoint(
-                self.ema, resume_from_checkpoint, "resume with the same ema_decay the checkpoint was written with"
-            )
 
     def _on_resume(self, checkpoint: str) -> None:
         """The rollout counter follows the optimizer step, so window and noise continue where they stopped."""

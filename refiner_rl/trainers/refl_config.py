@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from transformers import TrainingArguments
 
 from refiner_rl.distributed import prepare_cpu_distributed
 from refiner_rl.errors import ConfigError
 
-REFERENCES = ("frozen", "ema")
+Reference = Literal["frozen", "ema"]
+REFERENCES = get_args(Reference)
 
 
 @dataclass
@@ -59,7 +61,7 @@ class FlowReFLConfig(TrainingArguments):
     margin: float | None = field(
         default=1.0, metadata={"help": "lambda of the hinge max(0, lambda - r); null = plain -r (no hinge)."}
     )
-    reference: str = field(default="frozen", metadata={"help": f"Reference policy of x_ref: {', '.join(REFERENCES)}."})
+    reference: Reference = field(default="frozen", metadata={"help": "Reference policy of x_ref."})
     ema_decay: float = field(default=0.999, metadata={"help": "tau of the EMA reference (reference: ema)."})
     t1: int = field(default=0, metadata={"help": "Earliest sampler step at which the one-step prediction is trained."})
     t2: int | None = field(

@@ -15,7 +15,6 @@ Only the one-step forward, the decode of x_theta and the rewards are differentia
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -26,14 +25,13 @@ from refiner_rl.data import BucketBatchOrderSampler, TripletDataset
 from refiner_rl.distributed import keyed_generator, occurrence_keys
 from refiner_rl.errors import ConfigError
 from refiner_rl.evaluation import reward_columns
-from refiner_rl.evaluation.loop import SamplerSettings, load_batch, record_batches, sample_batch
+from refiner_rl.evaluation.loop import load_batch, record_batches, sample_batch
 from refiner_rl.policies.base import EditorPolicy
 from refiner_rl.rollout import initial_latents, paste_back, rollout
 from refiner_rl.sampling import batch_conditions, sample_trajectories
 from refiner_rl.scoring.base import BASELINE_FIELD, Reward
 from refiner_rl.scoring.registry import check_required_fields
-from refiner_rl.trainers.base import EVAL_SEED, RewardTrainerMixin
-from refiner_rl.trainers.ema import EMA, EMACallback, load_ema_checkpoint, save_ema_state
+from refiner_rl.trainers.base import RewardTrainerMixin
 from refiner_rl.trainers.refl_config import FlowReFLConfig
 
 logger = logging.getLogger(__name__)
@@ -58,6 +56,7 @@ class FlowReFLTrainer(RewardTrainerMixin, Trainer):
     """Reward-gradient fine-tuning of a :class:`EditorPolicy` with differentiable rewards."""
 
     evaluate_with_ema = False  # its EMA is the reference policy; held-out metrics are the policy's own
+    ema_resume_hint = "resume with the reference (reference: ema) it was written with"
 
     def __init__(
         self,
@@ -95,13 +94,10 @@ class FlowReFLTrainer(RewardTrainerMixin, Trainer):
         self.model_accepts_loss_kwargs = False  # compute_loss returns a per-micro-batch mean
         for r in rewards:
             r.to(self.accelerator.device)
-        self.init_reference(policy, frozen_copy=args.reference == "frozen")
         self.reference_is_ema = args.reference == "ema"
-        self.ema = EMA(policy.transformer, args.ema_decay) if args.reference == "ema" else None
-        if self.ema is not None:
-            self.add_callback(EMACallback(self))
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._last_samples: dict | None = None
+        self.init_reward_state(
+            policy, frozen_reference=args.reference == "frozen", ema=self.reference_is_ema, ema_decay=args.ema_decay
+        )
 
     # ------------------------------------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
@@ -191,7 +187,7 @@ class FlowReFLTrainer(RewardTrainerMixin, Trainer):
         return (loss, {"images": images}) if return_outputs else loss
 
     def _record(self, task, t, idx, scores, active, inputs, images, x_ref) -> None:
-        m = self._metrics
+        m = self._metrics["train"]
         means = torch.nanmean(scores, 0).tolist()
         for j, mean in zip(idx, means):
             m[f"rewards/{task}/{self.metric_names[j]}/mean"].append(mean)
@@ -212,12 +208,6 @@ class FlowReFLTrainer(RewardTrainerMixin, Trainer):
         }
 
     # ------------------------------------------------------------------------------------------- logging
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        super().log({**logs, **self.process_means(self._metrics)}, start_time)
-        self._metrics.clear()
-        if self.args.log_samples and self._last_samples is not None and self.accelerator.is_main_process:
-            self._log_sample_table()
-
     def sample_grid_rows(self) -> list[list[torch.Tensor]] | None:
         """draft | reference | x_theta | target | x_ref of the last training batch."""
         rows = super().sample_grid_rows()
@@ -225,21 +215,12 @@ class FlowReFLTrainer(RewardTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------ held-out
     def evaluation_settings(self) -> dict:
-        """Keyword arguments of :func:`refiner_rl.evaluation.evaluate`: this config's ODE sampler, its rewards and
-        weights, fixed noise (``EVAL_SEED``). Rewards that read the ``baseline`` column get the reference policy's
-        held-out samples (:meth:`evaluate` makes them)."""
-        a = self.args
+        """The shared settings (:meth:`RewardTrainerMixin.evaluation_settings`); rewards that read the ``baseline``
+        column get the reference policy's held-out samples (:meth:`_before_evaluation` makes them)."""
+        out = super().evaluation_settings()
         baseline = getattr(self, "_eval_baseline", None)
-        return dict(
-            num_steps=a.num_inference_steps,
-            batch_size=a.per_device_eval_batch_size,
-            seed=EVAL_SEED,
-            start_sigma=a.start_sigma,
-            paste=a.paste_back,
-            rewards=[WithBaseline(r, baseline) if _reads_baseline(r) and baseline else r for r in self.rewards],
-            reward_weights=self.reward_weights.tolist(),
-            reward_names=self.reward_names,
-        )
+        out["rewards"] = [WithBaseline(r, baseline) if _reads_baseline(r) and baseline else r for r in self.rewards]
+        return out
 
     def _before_evaluation(self, dataset) -> None:
         """Held-out metrics are of the policy's own weights (never the EMA reference's): masked MSE and the rewards'
@@ -255,7 +236,7 @@ class FlowReFLTrainer(RewardTrainerMixin, Trainer):
         evaluation samples the policy: the same batches and record ``i``'s noise from ``(EVAL_SEED, i)``. At the
         start of a frozen-reference run the two samples are equal."""
         a, model = self.args, self.accelerator.unwrap_model(self.model)
-        sampler = SamplerSettings(a.num_inference_steps, EVAL_SEED, a.start_sigma, a.paste_back)
+        sampler = self.sampler_settings()
         out = {}
         with self.reference_transformer(model) as ref:
             for idx in record_batches(ds, range(len(ds)), a.per_device_eval_batch_size):
@@ -263,16 +244,6 @@ class FlowReFLTrainer(RewardTrainerMixin, Trainer):
         return out
 
     # ------------------------------------------------------------------------------------- checkpointing
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The live weights (base class) plus, with the EMA reference, its shadow ``ema_state.safetensors`` (for resume)."""
-        super()._save(output_dir, state_dict)
-        if self.ema is None or not self.args.should_save:
-            return
-        save_ema_state(self.ema, output_dir or self.args.output_dir)
-
-    def _load_extra_state(self, checkpoint: str) -> None:
-        if self.ema is not None:
-            load_ema_checkpoint(self.ema, checkpoint, "resume with the reference (reference: ema) it was written with")
 
 
 def _task_rewards(task_mix: dict[str, float], rewards, names: list[str]) -> dict[str, list[int]]:

@@ -7,7 +7,12 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from refiner_rl.distributed import prepare_cpu_distributed
-from refiner_rl.dynamics.schedules import LOSS_WEIGHTING_SCHEMES, TRAINING_SIGMA_SCHEMES
+from refiner_rl.dynamics.schedules import (
+    LOSS_WEIGHTING_SCHEMES,
+    TRAINING_SIGMA_SCHEMES,
+    LossWeighting,
+    SigmaScheme,
+)
 from refiner_rl.errors import ConfigError
 from refiner_rl.focus import FocusArguments
 
@@ -37,18 +42,14 @@ class FlowSFTConfig(FocusArguments, TrainingArguments):
     """
 
     mask_weight: float = field(default=4.0, metadata={"help": "lambda in the per-token loss weight 1 + lambda * M."})
-    timestep_sampling: str = field(
-        default="logit_normal", metadata={"help": f"Sigma sampling: {', '.join(TRAINING_SIGMA_SCHEMES)}."}
-    )
+    timestep_sampling: SigmaScheme = field(default="logit_normal", metadata={"help": "Sigma sampling density."})
     logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal sigma density."})
     logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal sigma density."})
     mode_scale: float = field(default=1.29, metadata={"help": "Scale of the `mode` sigma density."})
     timestep_shift: float | None = field(
         default=None, metadata={"help": "Optional static shift of sampled sigmas (s' = k s / (1 + (k - 1) s))."}
     )
-    loss_weighting: str = field(
-        default="none", metadata={"help": f"SD3 loss weighting: {', '.join(LOSS_WEIGHTING_SCHEMES)}."}
-    )
+    loss_weighting: LossWeighting = field(default="none", metadata={"help": "SD3 loss weighting."})
     caption_dropout: float = field(
         default=0.05, metadata={"help": "Probability of replacing the instruction with the empty prompt."}
     )

@@ -13,8 +13,8 @@ and its ``top_logprobs`` most likely alternatives. Requests are answered one for
 
 ``top_logprobs`` may go up to the vocabulary size (vLLM caps it at 20 by default).
 
-``--delay`` (seconds before answering) and ``--fail-first K`` (the first K chat requests get 503) inject
-latency and failures, so that clients' timeouts and retries can be exercised for real.
+A completion that raises :class:`Unavailable` is answered 503 (a client retries it), one that raises
+:class:`BadRequest` 400 (not retried), any other failure 500.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ logger = logging.getLogger(__name__)
 
 
 class BadRequest(ValueError):
-    pass
+    """A request the server cannot answer as written (HTTP 400)."""
+
+
+class Unavailable(RuntimeError):
+    """A completion the server cannot give now (HTTP 503: worth a retry)."""
 
 
 def decode_data_url(url: str):
@@ -82,7 +86,7 @@ class JudgeServer:
     """``ThreadingHTTPServer`` around a :class:`refiner_rl.vlm.local.LocalVLM`.
 
     ``port=0`` picks a free port (see :attr:`url`). ``requests`` records ``(path, Authorization header)``
-    of every request, ``chat_requests`` counts chat-completion requests (before any injected failure).
+    of every request, ``chat_requests`` counts chat-completion requests (before authorization and completion).
     """
 
     def __init__(
@@ -93,12 +97,9 @@ class JudgeServer:
         port: int = 0,
         served_model_name: str = "local-vlm",
         api_key: str | None = None,
-        delay: float = 0.0,
-        fail_first: int = 0,
         max_top_logprobs: int | None = None,
     ):
         self.vlm, self.served_model_name, self.api_key = vlm, served_model_name, api_key
-        self.delay, self.fail_first = float(delay), int(fail_first)
         self.max_top_logprobs = max_top_logprobs or len(vlm.tokenizer)
         self.requests: list[tuple[str, str | None]] = []
         self.chat_requests = 0
@@ -119,7 +120,7 @@ class JudgeServer:
         return self
 
     def shutdown(self) -> None:
-        self._stop.set()  # wakes handlers sleeping in an injected delay
+        self._stop.set()  # tells handlers still completing that the server is going away
         if self._thread is not None:  # shutdown() waits for serve_forever, so only call it when serving
             self.httpd.shutdown()
         self.httpd.server_close()
@@ -240,15 +241,12 @@ def _make_handler(server: JudgeServer):
                 return self._error(404, f"no route {self.path}")
             with server._count_lock:
                 server.chat_requests += 1
-                number = server.chat_requests
             if not self._authorized():
                 return None
-            if number <= server.fail_first:
-                return self._error(503, "injected failure (--fail-first)", "server_error")
-            if server.delay and server._stop.wait(server.delay):
-                return None  # shutting down
             try:
                 reply = server.complete(json.loads(body or b"{}"))
+            except Unavailable as err:
+                return self._error(503, str(err), "server_error")
             except (BadRequest, ValueError, TypeError, KeyError) as err:
                 return self._error(400, str(err))
             except Exception as err:
@@ -271,8 +269,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-pixels", type=int, default=None)
     parser.add_argument("--max-pixels", type=int, default=None)
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before answering a chat request")
-    parser.add_argument("--fail-first", type=int, default=0, help="answer the first K chat requests with 503")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -292,8 +288,6 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         served_model_name=args.served_model_name or args.model,
         api_key=args.api_key,
-        delay=args.delay,
-        fail_first=args.fail_first,
     )
     logger.info("serving %s at %s/v1", server.served_model_name, server.url)
     try:

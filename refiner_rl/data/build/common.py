@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -21,12 +22,15 @@ DROP = {"_drop": datasets.Value("string"), "_why": datasets.Value("string")}
 
 @dataclass
 class StageContext:
-    """What a stage needs besides its input and the config: a scratch folder for ``map``'s Arrow files and the
-    stage's fingerprint (given to ``map`` so it never hashes its arguments, e.g. an editor model)."""
+    """What a stage needs besides its input and the config: a scratch folder for ``map``'s Arrow files, the
+    stage's fingerprint (given to ``map`` so it never hashes its arguments, e.g. an editor model), and ``editor``,
+    a zero-argument factory of the editor the ``vae`` / ``regenerate`` operators run (given by the caller: the data
+    layer builds no model itself)."""
 
     name: str
     work_dir: str
     fingerprint: str
+    editor: Callable[[], object] | None = None
 
     def map(self, ds: datasets.Dataset, fn, *, step: str, num_proc: int | None = None, **kwargs) -> datasets.Dataset:
         """``ds.map(fn, ...)`` writing to the scratch folder, with a progress bar named after the stage."""

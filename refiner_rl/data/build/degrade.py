@@ -12,8 +12,12 @@ of them, drawn at random and kept in order. Every operator but ``vae`` changes t
 - ``vae``: the editor's own codec round trip of the whole image, ``decode(encode(x))``, as every edit through the
   editor suffers (lossless for the tiny editor's pixel codec);
 - ``regenerate:s``: the base editor (``editor``) re-draws the region: the draft is noised to sigma ``s`` and
-  sampled back with ``regenerate_steps`` ODE steps by :func:`refiner_rl.sampling.sample_images`, given the reference
-  and ``regenerate_prompt``, then pasted into the mask. This is how real drafts look: plausible, wrong detail.
+  sampled back with ``regenerate_steps`` ODE steps, given the reference and ``regenerate_prompt``, then pasted into
+  the mask. This is how real drafts look: plausible, wrong detail.
+
+The editor behind ``vae`` and ``regenerate`` is given by the caller (:class:`~refiner_rl.data.build.common.StageContext`'s
+``editor``, e.g. ``refiner-rl data build``'s :class:`refiner_rl.cli.data.BuildEditor`): an object with
+``vae(drafts)`` and ``regenerate(drafts, references, masks, steps)`` over PIL images, built once per stage run.
 
 Each record's ``degradations`` is the JSON list of what was applied, e.g. ``[{"op": "downsample", "factor": 3}]``.
 """
@@ -26,7 +30,6 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
-import torch
 from PIL import Image, ImageFilter
 
 from refiner_rl.data.build.common import (
@@ -39,7 +42,6 @@ from refiner_rl.data.build.common import (
     to_array,
     to_png,
 )
-from refiner_rl.data.images import to_tensor
 from refiner_rl.errors import ConfigError
 
 # name -> (parameter, default, lowest, highest, integer)
@@ -128,50 +130,6 @@ def paste(degraded: Image.Image, draft: Image.Image, mask: Image.Image) -> Image
     return Image.composite(degraded, draft, mask.point(lambda v: 255 if v >= 128 else 0))
 
 
-class Editor:
-    """The editor behind ``vae`` and ``regenerate``, built once per stage run (a random tiny editor is seeded)."""
-
-    def __init__(self, config):
-        from refiner_rl.configs import ModelArguments, build_policy
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.manual_seed(config.seed)
-        args = ModelArguments(
-            model_name_or_path=config.editor, use_lora=False, transformer_path=config.editor_transformer_path
-        )
-        self.policy = build_policy(args, device)
-        self.config = config
-
-    def _tensors(self, images):
-        return torch.stack([to_tensor(i) for i in images]).to(self.policy.device)
-
-    def vae(self, drafts: list[Image.Image]) -> list[Image.Image]:
-        x = self._tensors(drafts)
-        out = self.policy.decode(self.policy.encode_images(x), self.policy.latent_grid(*x.shape[-2:]))
-        return [from_array(a) for a in out.permute(0, 2, 3, 1).cpu().numpy()]
-
-    def regenerate(self, drafts, references, masks, steps: list[dict]) -> list[Image.Image]:
-        from refiner_rl.sampling import sample_images
-
-        batch = {
-            "prompt": [self.config.regenerate_prompt] * len(drafts),
-            "index": torch.arange(len(drafts)),
-            "draft": self._tensors(drafts),
-            "reference": self._tensors(references),
-            "mask": (self._tensors(masks) >= 0.5).float(),
-        }
-        out = []
-        for s in sorted({st["strength"] for st in steps}):  # one sampler call per strength
-            rows = [i for i, st in enumerate(steps) if st["strength"] == s]
-            sub = {k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows]) for k, v in batch.items()}
-            gens = [torch.Generator().manual_seed(steps[i]["seed"]) for i in rows]
-            images = sample_images(
-                self.policy, sub, num_steps=self.config.regenerate_steps, generators=gens, start_sigma=s, paste=True
-            )
-            out += list(zip(rows, images.permute(0, 2, 3, 1).cpu().numpy()))
-        return [from_array(a) for _, a in sorted(out, key=lambda p: p[0])]
-
-
 def _plan(rid: str, ops: list[Operator], config) -> tuple[list[dict], np.random.Generator]:
     rng = record_rng(config.seed, "degrade", rid)
     chosen = ops
@@ -184,7 +142,7 @@ def _plan(rid: str, ops: list[Operator], config) -> tuple[list[dict], np.random.
     return steps, rng
 
 
-def _degrade_batch(batch: dict, *, config, editor: Editor | None) -> dict:
+def _degrade_batch(batch: dict, *, config, editor) -> dict:
     ops = parse_operators(config.degrade)
     n = len(batch["id"])
     plans = [_plan(batch["id"][i], ops, config) for i in range(n)]
@@ -224,7 +182,14 @@ def degrade(ds: datasets.Dataset, config, ctx: StageContext) -> datasets.Dataset
     """Stage 3 (module docstring): adds ``draft`` and ``degradations`` to every record. Editor operators run in
     this process (one model, batched calls); pixel-only chains use ``num_proc`` processes."""
     ops = parse_operators(config.degrade)
-    editor = Editor(config) if any(op.needs_editor for op in ops) else None
+    editor = None
+    if any(op.needs_editor for op in ops):
+        if ctx.editor is None:
+            raise ConfigError(
+                f"`degrade` {config.degrade!r} uses {' or '.join(EDITOR_OPERATORS)}, which need an editor: build with "
+                "`refiner-rl data build`, or pass build_dataset(config, editor=...)"
+            )
+        editor = ctx.editor()
     features = datasets.Features(
         {**ds.features, "draft": datasets.Value("binary"), "degradations": datasets.Value("string"), **DROP}
     )

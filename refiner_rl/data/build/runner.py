@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import datasets
 import numpy as np
@@ -88,8 +89,10 @@ def _save(ds: datasets.Dataset, folder: str, fingerprint: str, report: dict) -> 
     return datasets.load_from_disk(os.path.join(folder, "data"))
 
 
-def build_dataset(config) -> dict:
-    """Run the stages (module docstring), write the splits and the report; return the report."""
+def build_dataset(config, editor: Callable[[], object] | None = None) -> dict:
+    """Run the stages (module docstring), write the splits and the report; return the report. ``editor``: a
+    zero-argument factory of the editor the ``vae`` / ``regenerate`` operators run (``refiner-rl data build`` gives
+    :class:`refiner_rl.cli.data.BuildEditor`); called once, by the degrade stage, only when an operator needs it."""
     stages_dir = os.path.join(config.output_dir, "stages")
     os.makedirs(stages_dir, exist_ok=True)
     fingerprint = source_fingerprint(config)
@@ -108,7 +111,7 @@ def build_dataset(config) -> dict:
             else:
                 stale = True  # every later stage reruns too
                 start = time.perf_counter()
-                raw = run(ds, config, StageContext(label, work, fingerprint))
+                raw = run(ds, config, StageContext(label, work, fingerprint, editor))
                 ds, report = _settle(raw, label, time.perf_counter() - start)
                 if not report["kept"]:
                     first = next(iter(report["examples"].values()), ["-"])[0]

@@ -1,4 +1,4 @@
-"""Tiny stand-ins for the metrics' models, written to local folders in the real formats, for tests and tiny recipes.
+"""Tiny stand-ins for the metrics' models, written to local folders in the real formats, for the tests.
 
 - :func:`build_tiny_face_pack`: an insightface model pack (``det_tiny.onnx``: SCRFD's interface, 3 strides x 2
   anchors with keypoints, 9 outputs; ``w600k_tiny.onnx``: ArcFace's, ``[N, 3, 112, 112] -> [N, D]``), read by
