@@ -135,8 +135,9 @@ class RefinerPipeline(DiffusionPipeline):
         """Refine ``draft`` inside ``mask`` (white = refine; None = the whole image) from ``reference``.
 
         Images may be PIL images, file paths, or ``[3, H, W]`` tensors in [0, 1] (8-bit quantised, as image files
-        are). Noise: ``generator`` when given, else ``keyed_generator(seed, 0)`` (``seed`` default: 0), which is
-        ``refiner-rl refine --seed SEED``'s for one image set. ``num_inference_steps`` None: as trained.
+        are). Noise: ``generator`` when given, else ``keyed_generator(seed, 0)`` (``seed`` default: the model's saved
+        one, else 0), which is ``refiner-rl refine --seed SEED``'s for one image set. ``num_inference_steps`` None: as
+        trained.
         ``output_type``: ``pil``, ``np`` (``[1, H, W, 3]`` float) or ``pt`` (``[1, 3, H, W]``)."""
         from dataclasses import replace
 

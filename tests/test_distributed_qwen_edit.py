@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from refiner_rl.policies.qwen_edit import QWEN_LORA_TARGETS
 from tests.test_distributed import LOSS_ATOL, _grpo_args, _history, assert_same_logs, assert_same_weights, launch
 
 pytestmark = pytest.mark.slow
@@ -20,18 +21,7 @@ QWEN_ARGS = (
     "--start_sigma",
     "1.0",
     "--lora_target_modules",
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "img_mlp.net.0.proj",
-    "img_mlp.net.2",
-    "txt_mlp.net.0.proj",
-    "txt_mlp.net.2",
+    *QWEN_LORA_TARGETS,
 )
 NFT_ARGS = ("--objective", "nft", "--shared_initial_noise", "false", "--train_timesteps", "2")
 

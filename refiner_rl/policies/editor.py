@@ -118,6 +118,29 @@ class LatentEditor:
 
         return getattr(diffusers, self.pipeline_class_name)
 
+    def pipeline(self):
+        """This editor as its diffusers pipeline (components shared, not copied): scheduler, VAE, the text components
+        (:meth:`text_components`) and the transformer. Needs the codec to hold the pipeline's VAE (not the tiny pixel
+        codec)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        vae = getattr(self.codec, "vae", None)
+        if vae is None:
+            raise ValueError(
+                f"only editors with a VAE codec can be built as {self.pipeline_class_name}; this one has "
+                f"{type(self.codec).__name__}"
+            )
+        return self.pipeline_class(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
+            vae=vae,
+            transformer=unwrap(self.transformer),
+            **self.text_components(),
+        )
+
+    def text_components(self) -> dict:
+        """The pipeline's text encoder(s), tokenizer(s) or processor, by their pipeline argument names."""
+        raise NotImplementedError
+
     def save_pretrained_components(self, path: str) -> None:
         """Write the editor as its diffusers pipeline folder (``model_index.json`` and every component), so
         :meth:`from_pretrained` and diffusers' own ``from_pretrained`` reload it."""
@@ -291,6 +314,36 @@ class LatentEditor:
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"LoRA at {path!r} does not match this transformer: unexpected keys {unexpected[:5]}")
+
+
+def load_transformer_and_vae(
+    name_or_path: str,
+    transformer_class,
+    vae_class,
+    *,
+    dtype: torch.dtype,
+    revision: str | None,
+    transformer_path: str | None,
+    layout: str,
+):
+    """``(transformer, vae)`` of a diffusers pipeline repo id or local folder (``transformer/`` and ``vae/``;
+    safetensors only), the transformer from ``transformer_path`` when given (a full fine-tune written by
+    ``save_pretrained``). A local folder without them is a MissingFileError naming the expected ``layout``."""
+    if os.path.isdir(name_or_path):
+        missing = [d for d in ("transformer", "vae") if not os.path.isdir(os.path.join(name_or_path, d))]
+        if missing:
+            raise MissingFileError(
+                f"model folder {name_or_path!r} lacks {missing}; expected the diffusers layout {layout}"
+            )
+    common = dict(torch_dtype=dtype, use_safetensors=True)
+    if transformer_path:
+        transformer = transformer_class.from_pretrained(transformer_path, **common)
+    else:
+        transformer = transformer_class.from_pretrained(
+            name_or_path, subfolder="transformer", revision=revision, **common
+        )
+    vae = vae_class.from_pretrained(name_or_path, subfolder="vae", revision=revision, **common)
+    return transformer, vae
 
 
 def unwrap(model: nn.Module) -> nn.Module:

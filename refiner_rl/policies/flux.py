@@ -16,16 +16,21 @@ recomputed in training equals the one stored at rollout by construction. A subcl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from refiner_rl.errors import MissingFileError
 from refiner_rl.policies.codec import Codec, VAECodec
-from refiner_rl.policies.editor import LatentEditor, pack_latents, scheduler_config, unpack_latents, unwrap
+from refiner_rl.policies.editor import (
+    LatentEditor,
+    load_transformer_and_vae,
+    pack_latents,
+    scheduler_config,
+    unpack_latents,
+    unwrap,
+)
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -209,24 +214,16 @@ class FluxPolicy(LatentEditor):
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import AutoModel, AutoTokenizer
 
-        if os.path.isdir(name_or_path):
-            missing = [d for d in ("transformer", "vae") if not os.path.isdir(os.path.join(name_or_path, d))]
-            if missing:
-                raise MissingFileError(
-                    f"model folder {name_or_path!r} lacks {missing}; expected the diffusers layout of "
-                    f"{cls.pipeline_class_name} (transformer/, vae/, text_encoder/, tokenizer/, text_encoder_2/, "
-                    "tokenizer_2/)"
-                )
-        common = dict(revision=revision, use_safetensors=True)
-        if transformer_path:
-            transformer = FluxTransformer2DModel.from_pretrained(
-                transformer_path, torch_dtype=dtype, use_safetensors=True
-            )
-        else:
-            transformer = FluxTransformer2DModel.from_pretrained(
-                name_or_path, subfolder="transformer", torch_dtype=dtype, **common
-            )
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype, **common)
+        transformer, vae = load_transformer_and_vae(
+            name_or_path,
+            FluxTransformer2DModel,
+            AutoencoderKL,
+            dtype=dtype,
+            revision=revision,
+            transformer_path=transformer_path,
+            layout=f"of {cls.pipeline_class_name} (transformer/, vae/, text_encoder/, tokenizer/, text_encoder_2/, "
+            "tokenizer_2/)",
+        )
         enc = tok = enc2 = tok2 = None
         if load_text_encoders:
             tkw = dict(revision=revision, trust_remote_code=trust_remote_code)
@@ -250,24 +247,13 @@ class FluxPolicy(LatentEditor):
             **options,
         )
 
-    def pipeline(self):
-        """This editor as its diffusers pipeline (components shared, not copied; needs an ``AutoencoderKL`` codec)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        if not isinstance(self.codec, VAECodec):
-            raise ValueError(
-                f"only editors with an AutoencoderKL codec can be built as {self.pipeline_class_name}; this one has "
-                f"{type(self.codec).__name__}"
-            )
-        return self.pipeline_class(
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
-            vae=self.codec.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-            transformer=unwrap(self.transformer),
-        )
+    def text_components(self) -> dict:
+        return {
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "text_encoder_2": self.text_encoder_2,
+            "tokenizer_2": self.tokenizer_2,
+        }
 
     # ------------------------------------------------------------------------------------------------- text
     @torch.no_grad()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -34,9 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from refiner_rl.errors import MissingFileError
 from refiner_rl.policies.codec import Codec, QwenVAECodec
-from refiner_rl.policies.editor import LatentEditor, scheduler_config, unwrap
+from refiner_rl.policies.editor import LatentEditor, load_transformer_and_vae, scheduler_config, unwrap
 
 __all__ = ["QWEN_LORA_TARGETS", "QWEN_SCHEDULER", "Instructions", "PromptEmbeds", "QwenConditions", "QwenEditPolicy"]
 
@@ -248,23 +246,15 @@ class QwenEditPolicy(LatentEditor):
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-        if os.path.isdir(name_or_path):
-            missing = [d for d in ("transformer", "vae") if not os.path.isdir(os.path.join(name_or_path, d))]
-            if missing:
-                raise MissingFileError(
-                    f"model folder {name_or_path!r} lacks {missing}; expected the diffusers layout of "
-                    f"{cls.pipeline_class_name} (transformer/, vae/, text_encoder/, tokenizer/, processor/)"
-                )
-        common = dict(revision=revision, use_safetensors=True)
-        if transformer_path:
-            transformer = QwenImageTransformer2DModel.from_pretrained(
-                transformer_path, torch_dtype=dtype, use_safetensors=True
-            )
-        else:
-            transformer = QwenImageTransformer2DModel.from_pretrained(
-                name_or_path, subfolder="transformer", torch_dtype=dtype, **common
-            )
-        vae = AutoencoderKLQwenImage.from_pretrained(name_or_path, subfolder="vae", torch_dtype=dtype, **common)
+        transformer, vae = load_transformer_and_vae(
+            name_or_path,
+            QwenImageTransformer2DModel,
+            AutoencoderKLQwenImage,
+            dtype=dtype,
+            revision=revision,
+            transformer_path=transformer_path,
+            layout=f"of {cls.pipeline_class_name} (transformer/, vae/, text_encoder/, tokenizer/, processor/)",
+        )
         encoder = processor = None
         if load_text_encoders:
             tkw = dict(revision=revision, trust_remote_code=trust_remote_code)
@@ -283,23 +273,8 @@ class QwenEditPolicy(LatentEditor):
             **options,
         )
 
-    def pipeline(self):
-        """This editor as diffusers' ``QwenImageEditPlusPipeline`` (components shared, not copied)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        if not isinstance(self.codec, QwenVAECodec):
-            raise ValueError(
-                f"only editors with an AutoencoderKLQwenImage codec can be built as {self.pipeline_class_name}; this "
-                f"one has {type(self.codec).__name__}"
-            )
-        return self.pipeline_class(
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
-            vae=self.codec.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.processor.tokenizer,
-            processor=self.processor,
-            transformer=unwrap(self.transformer),
-        )
+    def text_components(self) -> dict:
+        return {"text_encoder": self.text_encoder, "tokenizer": self.processor.tokenizer, "processor": self.processor}
 
     def lora_targets(self, names):
         """FLUX.1's feed-forward names (the default ``lora_target_modules``) stand for the image / text MLPs here."""
