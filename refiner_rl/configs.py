@@ -161,8 +161,8 @@ class DataArguments:
         resolution, buckets, skip_invalid_records, alpha_background (how transparent pixels are flattened),
         dataset_num_proc (processes of the validation pass), dataset_cache_dir (where ``datasets`` keeps the
         Arrow files and the cached validation; a second start with the same files skips validation),
-        reference_alignment and registration_scale_range (register each reference to its draft and warp it into
-        the draft's frame).
+        reference_alignment, registration_scale_range and registration_cache (register each reference to its draft
+        and warp it into the draft's frame; found registrations are kept and reused).
     Synthetic set:
         synthetic_records, synthetic_eval_records, synthetic_size, synthetic_seed, synthetic_curriculum (SFT: phases
         of geometry mixes, e.g. aligned first, then shifted and zoomed); the reference's geometry
@@ -217,7 +217,11 @@ class DataArguments:
     )
     registration_scale_range: list[float] = field(
         default_factory=lambda: [0.5, 3.0],
-        metadata={"help": "[min, max] scale of the reference against the draft that registration searches."},
+        metadata={"help": "[min, max] reference/draft scale that registration searches."},
+    )
+    registration_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder keeping found registrations (default ~/.cache/refiner_rl; none: off)."},
     )
     synthetic_records: int = field(
         default=512, metadata={"help": "Number of synthetic training records (dataset: synthetic)."}
@@ -339,10 +343,18 @@ class DataArguments:
             registration={"scale_range": tuple(self.registration_scale_range)},
         )
         if ds.reference_alignment == "register":
-            ds.register_references()
+            ds.register_references(cache_dir=self.registration_cache_dir())
         if phases:
             ds.curriculum = phases  # (first record, end, fraction of the steps) per phase; the SFT sampler reads it
         return ds
+
+    def registration_cache_dir(self) -> str | None:
+        """Where found registrations are kept (``registration_cache``); None for ``none``."""
+        from refiner_rl.data.registration import default_cache_dir
+
+        if self.registration_cache is None:
+            return default_cache_dir()
+        return None if self.registration_cache.lower() == "none" else self.registration_cache
 
     def records(self, *, eval: bool = False):
         """``(records, phases)`` that :meth:`build` reads: the synthetic set's records (PIL images, before any

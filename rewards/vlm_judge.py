@@ -24,8 +24,9 @@ backend matches ``top_logprobs`` tokens equal to a word once whitespace, "Ġ" an
 
 A judge trained by ``refiner-rl reward-model`` (:mod:`refiner_rl.onereward`) is asked what it was trained on: its
 ``onereward.json`` (read from ``model_name_or_path``, or ``judge_config`` for the server backend) gives the task's
-dimensions, context images (``reference``, ``source`` = the draft column, ``mask``, shown before A and B), question
-and answer words, unless the recipe sets them. Pairwise and local, it is differentiable: :meth:`VLMJudge.score_tensors`
+dimensions, context images (``reference``, ``source`` = the draft column, ``mask``, shown before A and B), the
+``view`` of A and B (``interleave`` or ``beside``: each shown with the record's reference in one image, as in
+training), question and answer words, unless the recipe sets them. Pairwise and local, it is differentiable: :meth:`VLMJudge.score_tensors`
 (``compare_to: baseline`` compares with the reward-gradient trainer's reference images).
 
 Backends (the model, client and question code is :mod:`refiner_rl.vlm`; this file is only the reward):
@@ -69,7 +70,8 @@ from typing import Any
 import torch
 
 from refiner_rl.errors import RewardError
-from refiner_rl.onereward.templates import CONTEXT_FIELDS, CONTEXT_LABELS, judge_settings
+from refiner_rl.onereward.collator import with_reference
+from refiner_rl.onereward.templates import CONTEXT_FIELDS, CONTEXT_LABELS, VIEWS, judge_settings
 from refiner_rl.scoring import loop
 from refiner_rl.scoring.base import BASELINE_FIELD, Reward, as_image_tensor, column_value, to_pil
 from refiner_rl.scoring.registry import register_reward
@@ -97,7 +99,7 @@ class VLMJudge(Reward):
     Options:
 
     *The question*: ``mode`` (``pointwise`` | ``pairwise``), ``compare_to`` (``draft`` | ``reference`` |
-    ``baseline``: the image B of pairwise mode), ``both_orders``, ``context``, ``judge_config``, ``task`` (``refine`` | ``fill`` | ``extend`` | ``removal``, or
+    ``baseline``: the image B of pairwise mode), ``both_orders``, ``context``, ``view``, ``judge_config``, ``task`` (``refine`` | ``fill`` | ``extend`` | ``removal``, or
     your own with ``task_description``), ``dimension`` (one or a list of ``structure``, ``consistency``,
     ``text_alignment``, ``aesthetics``, ``detail_fidelity``, ``removal_quality``, or your own with
     ``dimension_description``), ``include_prompt`` (``auto`` | ``always`` | ``never``), ``template``,
@@ -131,6 +133,7 @@ class VLMJudge(Reward):
         dimension_description: str | None = None,
         system_prompt: str | None = None,
         context: Sequence[str] | None = None,
+        view: str | None = None,
         judge_config: str | None = None,
         prob: str | None = None,
         yes_words: Sequence[str] | None = None,
@@ -162,6 +165,7 @@ class VLMJudge(Reward):
             task_description = task_description or trained_task["description"]
             template = template or (trained.template if mode == "pairwise" else None)
             context = trained_task.get("context", []) if context is None else context
+            view = trained_task.get("view", "separate") if view is None else view
         if trained:
             prob, yes_words, no_words = (
                 prob or trained.extra.get("prob"),
@@ -171,13 +175,14 @@ class VLMJudge(Reward):
         self.dimension_descriptions = dict(trained.dimensions) if trained else dict(DIMENSIONS)
         dimension, prob = dimension or "detail_fidelity", prob or "yes_no"
         yes_words, no_words = yes_words or ("Yes", " Yes"), no_words or ("No", " No")
-        self.context = list(context or [])
+        self.context, self.view = list(context or []), view or "separate"
         choices = {
             "mode": (mode, ("pointwise", "pairwise")),
             "compare_to": (compare_to, ("draft", "reference", BASELINE_FIELD)),
             "include_prompt": (include_prompt, ("auto", "always", "never")),
             "prob": (prob, ("yes_no", "softmax")),
             "backend": (backend, ("local", "server")),
+            "view": (self.view, VIEWS),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -202,6 +207,10 @@ class VLMJudge(Reward):
                 )
         if template is not None:
             check_template(template)
+        if self.view != "separate" and mode != "pairwise":
+            raise ValueError(
+                f"vlm_judge: `view: {self.view}` shows A and B with the reference; it needs `mode: pairwise`"
+            )
         if both_orders and mode != "pairwise":
             raise ValueError("vlm_judge: `both_orders: true` swaps images A and B, so it needs `mode: pairwise`")
         self.mode, self.compare_to, self.both_orders = mode, compare_to, bool(both_orders)
@@ -213,7 +222,7 @@ class VLMJudge(Reward):
         )
         self.prob, self.yes_words, self.no_words = prob, list(yes_words), list(no_words)
         self.backend = backend
-        self.required_fields = (compare_to, *(self._column(c) for c in self.context)) if mode == "pairwise" else ()
+        self.required_fields = (compare_to, *(self._column(c) for c in self._shown())) if mode == "pairwise" else ()
         self.differentiable = backend == "local" and mode == "pairwise"
 
         if backend == "local":
@@ -281,25 +290,34 @@ class VLMJudge(Reward):
         """The batch column a context image comes from (the project's draft is the edit's source)."""
         return "draft" if field == "source" else field
 
+    def _shown(self) -> list[str]:
+        """The record images each question needs besides A and B: the context, and the reference for a ``view``."""
+        extra = ["reference"] if self.view != "separate" and "reference" not in self.context else []
+        return self.context + extra
+
     def conversations(
         self, prompt: str, sample: Any, other: Any = None, context: Sequence[Any] = (), pil: bool = True
     ) -> list[list[dict]]:
         """The chats asked for one sample: per dimension, (A, B) then, with ``both_orders``, (B, A); the
-        ``context`` images (one per ``self.context`` field) come first. ``pil=False`` keeps tensors (and their
-        gradient) for :meth:`score_tensors`."""
+        ``context`` images (one per :meth:`_shown` field) come first, and with a ``view`` other than ``separate``
+        A and B are each shown with the reference in one image (:func:`~refiner_rl.onereward.collator.with_reference`,
+        as in training). ``pil=False`` keeps tensors (and their gradient) for :meth:`score_tensors`."""
         image = to_pil if pil else (lambda x: as_image_tensor(x))
         sample = image(sample)
         other = image(other) if self.mode == "pairwise" else None
-        shown = [(CONTEXT_LABELS[f], image(c)) for f, c in zip(self.context, context)]
+        images = dict(zip(self._shown(), (image(c) for c in context)))
+        if self.view != "separate":
+            sample, other = (with_reference(x, images["reference"], self.view) for x in (sample, other))
+        shown = [(CONTEXT_LABELS[f], images[f]) for f in self.context]
         orders = (
             [[sample]]
             if other is None
             else ([[sample, other], [other, sample]] if self.both_orders else [[sample, other]])
         )
         return [
-            build_conversation(self.query(dim, prompt), images, self.system_prompt, shown)
+            build_conversation(self.query(dim, prompt), pair, self.system_prompt, shown)
             for dim in self.dimensions
-            for images in orders
+            for pair in orders
         ]
 
     def local_p_yes(self, conversations: Sequence[list[dict]]) -> list[float | None]:
@@ -363,15 +381,16 @@ class VLMJudge(Reward):
         return chats, owner
 
     def _contexts(self, n: int, columns: dict) -> list[list[Any]]:
-        """Per sample, its context images (``None`` where the record has none); a ValueError naming the column
-        when the batch has none at all."""
-        for field in self.context:
+        """Per sample, the images of :meth:`_shown` (``None`` where the record has none); a ValueError naming the
+        column when the batch has none at all."""
+        for field in self._shown():
             if columns.get(self._column(field)) is None:
                 raise ValueError(
-                    f"vlm_judge (context: {field}) needs the `{self._column(field)}` column; got: "
+                    f"vlm_judge ({'context' if field in self.context else 'view'}: "
+                    f"{field if field in self.context else self.view}) needs the `{self._column(field)}` column; got: "
                     f"{', '.join(sorted(columns)) or 'none'}"
                 )
-        return [[column_value(columns, self._column(f), i) for f in self.context] for i in range(n)]
+        return [[column_value(columns, self._column(f), i) for f in self._shown()] for i in range(n)]
 
     def score_tensors(self, images: torch.Tensor, columns: dict) -> torch.Tensor:
         """Differentiable pairwise score ``[B]`` of ``images`` ``[B, 3, H, W]`` in [0, 1] against

@@ -164,21 +164,29 @@ def test_synthetic_pairs_prefer_the_objectively_better_image(pairs_file):
             assert ((win - src)[~m] ** 2).mean() < ((lose - src)[~m] ** 2).mean()
 
 
-@pytest.mark.parametrize("kind", ["detail", "noise", "shift", "swap"])
+@pytest.mark.parametrize("kind", ["detail", "noise", "shift", "swap", "degrade"])
 def test_every_synthetic_kind_prefers_the_image_closer_to_the_reference_in_a_balanced_order(kind):
     import numpy as np
 
     from refiner_rl.onereward.synthetic import synthetic_pairs
 
     pairs = synthetic_pairs(8, seed=4, size=16, dimensions=("detail_fidelity",), kind=kind, region=0.75)
-    assert [r["preferred"] for r in pairs] == ["a", "b"] * 4  # the winner is image A in half of the pairs
+    preferred = [r["preferred"] for r in pairs]
+    if kind in ("shift", "swap"):  # twins: the same images A and B, each preferred once (the reference differs)
+        assert all({preferred[i], preferred[i + 1]} == {"a", "b"} for i in range(0, 8, 2))
+        for r, twin in zip(pairs[::2], pairs[1::2]):
+            assert (
+                all(r[k] is twin[k] for k in ("image_a", "image_b", "source")) and r["reference"] != twin["reference"]
+            )
+    else:
+        assert preferred == ["a", "b"] * 4  # the winner is image A in half of the pairs
     for r in pairs:
         a, b, ref, src = (np.asarray(r[k], np.float32) for k in ("image_a", "image_b", "reference", "source"))
         m = np.asarray(r["mask"]) > 127
         win, lose = (a, b) if r["preferred"] == "a" else (b, a)
         assert ((win - ref)[m] ** 2).mean() < ((lose - ref)[m] ** 2).mean()  # inside the mask: closer
         assert (win[~m] == src[~m]).all() and (lose[~m] == src[~m]).all()  # outside: both the draft
-    with pytest.raises(ConfigError, match="kind 'blur': use one of detail, shift, noise, swap"):
+    with pytest.raises(ConfigError, match="kind 'blur': use one of detail, shift, noise, swap, degrade"):
         synthetic_pairs(2, kind="blur")
 
 
@@ -219,7 +227,7 @@ def test_torch_image_path_equals_the_processor(tiny_judge_dir, size):
     assert torch.allclose(ours["pixel_values"], ref["pixel_values"], atol=tol)
 
 
-@pytest.mark.parametrize("name", ["judge.yaml", "judge_tiny.yaml"])
+@pytest.mark.parametrize("name", ["judge.yaml", "judge_tiny.yaml", "judge_reference_tiny.yaml"])
 def test_recipes_parse(name):
     import os
 

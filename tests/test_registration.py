@@ -115,6 +115,45 @@ def test_dataset_option_warps_each_reference_into_the_draft_frame():
         TripletDataset(records, multiple=16, reference_alignment="warp")
 
 
+def test_found_registrations_are_reused_from_the_cache(tmp_path, monkeypatch, caplog):
+    """A second dataset over the same records (a resume, a later stage) reads its transforms from the cache and
+    searches nothing; other settings or other images miss; a torn line is skipped."""
+    import logging
+
+    from refiner_rl.data.registration import RegistrationCache
+
+    records = synthetic_records(3, seed=2, size=32, geometry="zoomed", zoom_range=(1.5, 2.0))
+    first = TripletDataset(records, multiple=16, reference_alignment="register")
+    first.register_references(progress=False, cache_dir=str(tmp_path))
+    lines = (tmp_path / RegistrationCache.FILE).read_text().splitlines()
+    assert len(lines) == 3
+    with open(tmp_path / RegistrationCache.FILE, "a") as f:
+        f.write('{"key": "torn", "transf')  # a run killed mid-line
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("registration searched although cached")
+
+    again = TripletDataset(records, multiple=16, reference_alignment="register")
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO):
+        m.setattr(TripletDataset, "_register", no_search)
+        again.register_references(progress=False, cache_dir=str(tmp_path))
+    assert again.reference_transforms == first.reference_transforms
+    assert "3 of 3 items read from" in caplog.text
+    # other settings, or one record's images changed: searched again, and the new entries added
+    wider = TripletDataset(records, multiple=16, reference_alignment="register", registration={"scale_range": (0.4, 3)})
+    changed = [dict(r) for r in records]
+    changed[0]["draft"] = changed[1]["draft"]
+    calls = []
+    for ds in (wider, TripletDataset(changed, multiple=16, reference_alignment="register")):
+        with monkeypatch.context() as m:
+            m.setattr(
+                TripletDataset, "_register", lambda self, item, key="reference": calls.append(key) or (1, 0, 0, 0)
+            )
+            ds.register_references(progress=False, cache_dir=str(tmp_path))
+    assert len(calls) == 3 + 1
+    assert len(RegistrationCache(str(tmp_path)).load()) == 3 + 3 + 1
+
+
 def test_data_arguments_pass_the_alignment():
     from transformers import HfArgumentParser
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any, Literal, get_args
@@ -20,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from refiner_rl.data.images import check_alpha_background, header_size, load_image, to_tensor
-from refiner_rl.data.registration import register_reference, warp_reference
+from refiner_rl.data.registration import RegistrationCache, register_reference, warp_reference
 from refiner_rl.data.sources import load_records, parse_jsonl_row
 from refiner_rl.data.validation import (
     DEFAULT_EXTEND_MARGIN,
@@ -35,6 +36,8 @@ from refiner_rl.data.validation import (
     validate_records,
 )
 from refiner_rl.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BucketBatchOrderSampler",
@@ -264,23 +267,40 @@ class TripletDataset(Dataset):
                 item[key] = torch.as_tensor(r[key], dtype=torch.float32)
         return item
 
-    def register_references(self, progress: bool = True, num_workers: int | None = None) -> None:
+    def register_references(
+        self, progress: bool = True, num_workers: int | None = None, cache_dir: str | None = None
+    ) -> None:
         """Find the registration of every item not registered yet (``reference_alignment: register``), with a
         progress bar, so training steps and DataLoader workers (which inherit the found transforms) do not pay for
         it. ``num_workers`` DataLoader worker processes share the work (default: one per CPU core when there are at
         least 64 items); each registers on one thread, so the transforms do not depend on the run's thread settings
-        or on the number of workers."""
+        or on the number of workers. With ``cache_dir``, registrations found before for the same images and settings
+        are read from it and new ones are added to it (:class:`~refiner_rl.data.registration.RegistrationCache`)."""
         from tqdm.auto import tqdm
 
         todo = [i for i in range(len(self)) if i not in self._transforms]
+        cache = RegistrationCache(cache_dir) if cache_dir else None
+        known = cache.load() if cache and todo else {}
         if num_workers is None:
-            num_workers = min(os.cpu_count() or 1, 8) if len(todo) >= 64 else 0
-        loader = torch.utils.data.DataLoader(_Registrations(self, todo), batch_size=None, num_workers=num_workers)
-        for i, transforms in tqdm(loader, total=len(todo), desc="registering references", disable=not progress):
+            num_workers = min(os.cpu_count() or 1, 8) if len(todo) - len(known) >= 64 else 0
+        loader = torch.utils.data.DataLoader(
+            _Registrations(self, todo, known), batch_size=None, num_workers=num_workers
+        )
+        found, hits = {}, 0
+        for i, key, transforms, cached in tqdm(
+            loader, total=len(todo), desc="registering references", disable=not progress
+        ):
             first, *rest = (tuple(float(v) for v in t) for t in transforms)
             self._transforms[int(i)] = first
             if rest:
                 self._extra_transforms[int(i)] = rest
+            hits += bool(cached)
+            if not cached:
+                found[key] = [first, *rest]
+        if cache is not None:
+            cache.add(found)
+            if hits:
+                logger.info("registration: %d of %d items read from %s", hits, len(todo), cache.path)
 
     def _register(self, item: dict, key: str = "reference") -> tuple[float, float, float, float]:
         return register_reference(item["draft"], item[key], item["mask"], **self.registration)
@@ -353,11 +373,11 @@ class TripletDataset(Dataset):
 
 
 class _Registrations(Dataset):
-    """Item ``k``: ``(index, [(s, ox, oy, cost), ...])``, the registrations of the N references of the dataset's item
-    ``todo[k]``."""
+    """Item ``k``: ``(index, key, [(s, ox, oy, cost), ...], cached)``, the registrations of the N references of the
+    dataset's item ``todo[k]``, read from ``known`` (by :meth:`RegistrationCache.key`) when there, else searched."""
 
-    def __init__(self, dataset: TripletDataset, todo: list[int]):
-        self.dataset, self.todo = dataset, todo
+    def __init__(self, dataset: TripletDataset, todo: list[int], known: dict | None = None):
+        self.dataset, self.todo, self.known = dataset, todo, known or {}
 
     def __len__(self) -> int:
         return len(self.todo)
@@ -365,7 +385,11 @@ class _Registrations(Dataset):
     def __getitem__(self, k: int):
         i = self.todo[k]
         item = self.dataset._decode(i)
-        return i, [self.dataset._register(item, key) for key in reference_columns(item)]
+        keys = reference_columns(item)
+        key = RegistrationCache.key(item, keys, self.dataset.registration)
+        if key in self.known:
+            return i, key, self.known[key], True
+        return i, key, [self.dataset._register(item, name) for name in keys], False
 
 
 def extend_mask(height: int, width: int, margin: float) -> torch.Tensor:

@@ -25,7 +25,10 @@ bilinear, or bilinear after an area prefilter); draft pixels whose place falls o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from contextlib import contextmanager
 
 import torch
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from refiner_rl.errors import ConfigError
 
 WARP_MODES = ("nearest", "bilinear", "area")
+CACHE_VERSION = 1  # bump when register_reference's result changes for the same images and settings
 RING_MISMATCH = 0.01  # mean squared difference around the mask above which the surroundings are taken to disagree
 
 
@@ -294,3 +298,62 @@ def warp_reference(
     xs = s * (torch.arange(W, dtype=src.dtype) + 0.5) + ox
     ys = s * (torch.arange(H, dtype=src.dtype) + 0.5) + oy
     return _sample(src, xs.view(1, -1), ys.view(-1, 1), "nearest" if mode == "nearest" else "bilinear")
+
+
+def default_cache_dir() -> str:
+    """``$REFINER_RL_CACHE``, else ``~/.cache/refiner_rl``."""
+    return os.environ.get("REFINER_RL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "refiner_rl")
+
+
+class RegistrationCache:
+    """Registrations found before, so that a resumed run, a second stage or an evaluation of the same records does
+    not search again (about 0.3 s of one core per 32 px record, hours for a large set).
+
+    An entry's key is a hash of the decoded images (draft, mask, every reference, as the dataset hands them to
+    :func:`register_reference`), the registration settings and :data:`CACHE_VERSION`; its value is the list of
+    ``(s, ox, oy, cost)``, one per reference. Entries are appended to ``folder/registrations.jsonl``, one line per
+    entry written in a single ``write`` of an append-only file, so processes can share the folder; a torn line (a
+    killed run) is ended before the next entry and skipped when read."""
+
+    FILE = "registrations.jsonl"
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(os.path.expanduser(folder))
+        self.path = os.path.join(self.folder, self.FILE)
+
+    @staticmethod
+    def key(item: dict, keys: list[str], settings: dict) -> str:
+        h = hashlib.sha256(json.dumps([CACHE_VERSION, sorted(settings.items()), keys], default=list).encode())
+        for name in ("draft", "mask", *keys):
+            t = item[name].detach().to("cpu", torch.float32).contiguous()
+            h.update(repr((name, tuple(t.shape))).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def load(self) -> dict[str, list[tuple[float, float, float, float]]]:
+        out: dict[str, list[tuple[float, float, float, float]]] = {}
+        if not os.path.isfile(self.path):
+            return out
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    out[row["key"]] = [tuple(float(v) for v in t) for t in row["transforms"]]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn or foreign line
+        return out
+
+    def add(self, entries: dict[str, list[tuple[float, float, float, float]]]) -> None:
+        if not entries:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                os.write(fd, b"\n")  # end a torn last line, so the next entry starts on its own
+            for key, transforms in entries.items():
+                row = {"key": key, "transforms": [[float(v) for v in t] for t in transforms]}
+                os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)

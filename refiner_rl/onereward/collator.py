@@ -2,6 +2,7 @@
 
 The conversation of a (task, dimension) pair is the one the ``vlm_judge`` reward asks at scoring time
 (:func:`judge_conversation`): the task's context images (labelled), "Image A:", "Image B:", then the question.
+A task's ``view`` may show A and B each with the record's reference in one image (:func:`with_reference`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def judge_conversation(
     system_prompt: str | None = None,
 ) -> list[dict]:
     """The chat asking whether ``first`` (A) beats ``second`` (B) on ``dimension``; ``context`` maps each of the
-    task's context fields to its image (a missing one is a ``KeyError``: records are checked on loading)."""
+    task's context fields (and ``reference``, where the task's ``view`` shows A and B with it) to its image (a
+    missing one is a ``KeyError``: records are checked on loading)."""
     shown = [(CONTEXT_LABELS[name], context[name]) for name in templates.context(task)]
+    view = templates.view(task)
+    if view != "separate":
+        first, second = (with_reference(x, context["reference"], view) for x in (first, second))
     return build_conversation(templates.query(task, dimension, prompt), [first, second], system_prompt, shown)
 
 
@@ -53,7 +58,7 @@ class PairCollator:
             winner, loser = (a, b) if rec["preferred"] == "a" else (b, a)
             context = {
                 name: load_image(rec[name], base_dir=None, where=f"{where} {name}").convert("RGB")
-                for name in self.templates.context(rec["task"])
+                for name in self.templates.needs(rec["task"])
             }
             args = (self.templates, rec["task"], rec["dimension"])
             kwargs = {"prompt": rec.get("prompt") or "", "system_prompt": self.system_prompt}
@@ -70,3 +75,32 @@ class PairCollator:
         batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         batch["groups"] = torch.tensor(groups, dtype=torch.long)
         return dict(batch)
+
+
+def with_reference(candidate, reference, layout: str):
+    """One image of ``candidate`` and ``reference`` (the reference is resized to the candidate's size if it differs)
+    for a judge that compares them locally: ``beside`` (side by side, candidate left) or ``interleave`` (rows
+    alternate: candidate row y, then reference row y, so each vision patch holds both at the same place). PIL images
+    give a PIL image (training, scoring); ``[3, H, W]`` tensors in [0, 1] give a tensor through which the gradient
+    reaches the candidate (the differentiable judge)."""
+    if layout not in ("beside", "interleave"):
+        raise ValueError(f"layout {layout!r}: use beside or interleave")
+    if isinstance(candidate, torch.Tensor):
+        r = reference.to(candidate)
+        if r.shape[-2:] != candidate.shape[-2:]:
+            r = torch.nn.functional.interpolate(
+                r[None], size=tuple(candidate.shape[-2:]), mode="bicubic", antialias=True, align_corners=False
+            )[0].clamp(0, 1)
+        if layout == "beside":
+            return torch.cat([candidate, r], dim=-1)
+        c, h, w = candidate.shape
+        return torch.stack([candidate, r], dim=-2).reshape(c, 2 * h, w)
+    import numpy as np
+    from PIL import Image
+
+    if reference.size != candidate.size:
+        reference = reference.resize(candidate.size, Image.BICUBIC)
+    c, r = (np.asarray(x.convert("RGB")) for x in (candidate, reference))
+    if layout == "beside":
+        return Image.fromarray(np.concatenate([c, r], axis=1))
+    return Image.fromarray(np.stack([c, r], axis=1).reshape(2 * c.shape[0], *c.shape[1:]))

@@ -39,8 +39,11 @@ class JudgeDataArguments:
     synthetic_kind: str = field(
         default="detail",
         metadata={
-            "help": "How the worse detail-fidelity candidate differs inside the mask: `detail` (less of the true "
-            "detail), `noise`, `shift` (a colour offset) or `swap` (inverted colours), more of it than the better one."
+            "help": "How the detail-fidelity candidates differ inside the mask: `detail` (less of the true detail "
+            "loses), `noise` (more Gaussian noise loses), `swap` / `shift` (twins: another record's detail or the "
+            "true detail shifted; only the reference tells which wins), `degrade` (the data build's blur, JPEG, "
+            "down/up-sampling or their mix, the stronger loses); several joined with + (not detail), e.g. "
+            "`swap+shift+degrade`."
         },
     )
     synthetic_region: float = field(default=0.5, metadata={"help": "Side of the masked region / image side."})

@@ -91,7 +91,7 @@ def check_pair(record: dict, index: int, templates: JudgeTemplates, base_dir: st
         )
     if dim == "text_alignment" and templates.include_prompt != "never" and not str(record.get("prompt") or "").strip():
         raise PairRecordError(f"{name}: dimension text_alignment needs the record's `prompt`")
-    for needed in templates.context(task):
+    for needed in templates.needs(task):
         if record.get(needed) in (None, ""):
             raise PairRecordError(
                 f"{name}: task {task!r} shows the judge the {needed!r} image, but the record has none"

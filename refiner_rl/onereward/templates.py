@@ -7,7 +7,10 @@ defaults follow the paper for fill and extend (structure, consistency, text alig
 consistency with the draft, with the reference and the draft (``source``) shown to the judge.
 
 A task may show the judge record images besides A and B (``context``: any of ``source``, ``mask``,
-``reference``, each labelled, before A and B). Everything is configurable from YAML; a file's entries extend or
+``reference``, each labelled, before A and B), and may show A and B each with the record's reference in one image
+(``view``: ``separate``, the default, as they are; ``beside``, side by side; ``interleave``, rows alternating, so each
+of the vision tower's patches holds the candidate and the reference at the same place: what lets the tiny judge
+compare with the reference). Everything is configurable from YAML; a file's entries extend or
 replace the defaults::
 
     template: "Image A and Image B are two results of {task_description}. ..."   # optional
@@ -35,6 +38,7 @@ from refiner_rl.vlm.questions import DEFAULT_TEMPLATES, DIMENSIONS, TASKS, build
 TEMPLATES_FILE = "onereward.json"
 CONTEXT_FIELDS = ("source", "mask", "reference")
 CONTEXT_LABELS = {"source": "Source", "mask": "Mask", "reference": "Reference"}
+VIEWS = ("separate", "beside", "interleave")  # how images A and B are shown (module docstring)
 TASK_DIMENSIONS = {
     "fill": ["structure", "consistency", "text_alignment", "aesthetics"],
     "extend": ["structure", "consistency", "text_alignment", "aesthetics"],
@@ -90,6 +94,8 @@ class JudgeTemplates:
                     raise ConfigError(
                         f"{where}: task {name!r} context {item!r}: use any of {', '.join(CONTEXT_FIELDS)}"
                     )
+            if task.get("view", "separate") not in VIEWS:
+                raise ConfigError(f"{where}: task {name!r} view {task['view']!r}: use one of {', '.join(VIEWS)}")
         return self
 
     def task_dimensions(self, task: str) -> list[str]:
@@ -97,6 +103,15 @@ class JudgeTemplates:
 
     def context(self, task: str) -> list[str]:
         return list(self.tasks[task].get("context", []))
+
+    def view(self, task: str) -> str:
+        """How images A and B are shown: ``separate``, or each with the reference (``beside``, ``interleave``)."""
+        return str(self.tasks[task].get("view", "separate"))
+
+    def needs(self, task: str) -> list[str]:
+        """The record images the task shows besides A and B: its context, and the reference for a ``view``."""
+        extra = ["reference"] if self.view(task) != "separate" and "reference" not in self.context(task) else []
+        return self.context(task) + extra
 
     def query(self, task: str, dimension: str, prompt: str = "") -> str:
         """The question for (task, dimension); the prompt goes in only for ``text_alignment`` (``auto``)."""
@@ -145,16 +160,17 @@ def merge_templates(overrides: dict | None, where: str = "templates") -> JudgeTe
     out.dimensions.update({str(k): str(v) for k, v in (overrides.get("dimensions") or {}).items()})
     for name, spec in (overrides.get("tasks") or {}).items():
         if not isinstance(spec, dict):
-            raise ConfigError(f"{where}: task {name!r} must be a mapping with description/dimensions/context")
-        bad = set(spec) - {"description", "dimensions", "context"}
+            raise ConfigError(f"{where}: task {name!r} must be a mapping with description/dimensions/context/view")
+        bad = set(spec) - {"description", "dimensions", "context", "view"}
         if bad:
             raise ConfigError(
-                f"{where}: task {name!r} has unknown key(s) {', '.join(sorted(bad))}; use description, dimensions, context"
+                f"{where}: task {name!r} has unknown key(s) {', '.join(sorted(bad))}; use description, dimensions, "
+                "context, view"
             )
         task = out.tasks.setdefault(str(name), {"description": TASKS.get(name, ""), "dimensions": [], "context": []})
-        for key in ("description", "dimensions", "context"):
+        for key in ("description", "dimensions", "context", "view"):
             if key in spec:
-                task[key] = spec[key] if key == "description" else [str(v) for v in spec[key]]
+                task[key] = str(spec[key]) if key in ("description", "view") else [str(v) for v in spec[key]]
     return out.check(where)
 
 
