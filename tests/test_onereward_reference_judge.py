@@ -146,7 +146,7 @@ def test_views_show_each_candidate_with_the_reference_and_bad_views_name_the_tas
     rt = torch.tensor(r, dtype=torch.float32).permute(2, 0, 1).div(255)
     for layout, pil in (("interleave", rows), ("beside", side)):
         out = with_reference(ct, rt, layout)
-        assert torch.equal((out * 255).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(pil))
+        assert torch.equal((out * 255).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(pil.copy()))
     with_reference(ct, rt, "interleave").sum().backward()
     assert torch.equal(ct.grad, torch.ones_like(ct))
 
