@@ -385,9 +385,9 @@ class VLMJudge(Reward):
         column when the batch has none at all."""
         for field in self._shown():
             if columns.get(self._column(field)) is None:
+                why = f"context: {field}" if field in self.context else f"view: {self.view}"
                 raise ValueError(
-                    f"vlm_judge ({'context' if field in self.context else 'view'}: "
-                    f"{field if field in self.context else self.view}) needs the `{self._column(field)}` column; got: "
+                    f"vlm_judge ({why}) needs the `{self._column(field)}` column; got: "
                     f"{', '.join(sorted(columns)) or 'none'}"
                 )
         return [[column_value(columns, self._column(f), i) for f in self._shown()] for i in range(n)]

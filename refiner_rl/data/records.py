@@ -282,7 +282,7 @@ class TripletDataset(Dataset):
         cache = RegistrationCache(cache_dir) if cache_dir else None
         known = cache.load() if cache and todo else {}
         if num_workers is None:
-            num_workers = min(os.cpu_count() or 1, 8) if len(todo) - len(known) >= 64 else 0
+            num_workers = min(os.cpu_count() or 1, 8) if len(todo) >= 64 else 0
         loader = torch.utils.data.DataLoader(
             _Registrations(self, todo, known), batch_size=None, num_workers=num_workers
         )
