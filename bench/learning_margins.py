@@ -60,6 +60,7 @@ TRAININGS = {
         "tests/test_refl_judge.py::test_refl_from_the_trained_judge_moves_its_held_out_reward_both_ways",
         "tests/test_refl_judge.py::test_refl_from_a_fine_tuned_editor_reversed_judge_raises_the_masked_mse_judge_does_not",
     ],
+    "reference_judge": ["tests/test_onereward_reference_judge.py"],  # the judge that compares with the reference
     "planner": ["tests/test_planner_grpo.py::test_grpo_raises_the_format_reward_and_keeps_f1"],
     "unaligned": ["tests/test_unaligned.py::test_the_model_uses_a_shifted_reference"],
     "registration": ["tests/test_registration.py::test_registration_finds_the_transform_and_lines_the_detail_up"],
