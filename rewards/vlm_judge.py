@@ -71,7 +71,7 @@ import torch
 
 from refiner_rl.errors import RewardError
 from refiner_rl.onereward.collator import with_reference
-from refiner_rl.onereward.templates import CONTEXT_FIELDS, CONTEXT_LABELS, VIEWS, judge_settings
+from refiner_rl.onereward.templates import CONTEXT_FIELDS, CONTEXT_LABELS, VIEWS, judge_settings, shown_fields
 from refiner_rl.scoring import loop
 from refiner_rl.scoring.base import BASELINE_FIELD, Reward, as_image_tensor, column_value, to_pil
 from refiner_rl.scoring.registry import register_reward
@@ -292,8 +292,7 @@ class VLMJudge(Reward):
 
     def _shown(self) -> list[str]:
         """The record images each question needs besides A and B: the context, and the reference for a ``view``."""
-        extra = ["reference"] if self.view != "separate" and "reference" not in self.context else []
-        return self.context + extra
+        return shown_fields(self.context, self.view)
 
     def conversations(
         self, prompt: str, sample: Any, other: Any = None, context: Sequence[Any] = (), pil: bool = True

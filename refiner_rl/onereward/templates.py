@@ -48,6 +48,12 @@ TASK_DIMENSIONS = {
 TASK_CONTEXT = {"refine": ["reference", "source"]}
 
 
+def shown_fields(context: list[str], view: str) -> list[str]:
+    """The record images a question shows besides A and B: the ``context`` fields, and the reference where the
+    ``view`` shows A and B with it."""
+    return list(context) + (["reference"] if view != "separate" and "reference" not in context else [])
+
+
 @dataclass
 class JudgeTemplates:
     """Tasks (description, dimensions, context images), dimension descriptions and the pairwise question."""
@@ -109,9 +115,8 @@ class JudgeTemplates:
         return str(self.tasks[task].get("view", "separate"))
 
     def needs(self, task: str) -> list[str]:
-        """The record images the task shows besides A and B: its context, and the reference for a ``view``."""
-        extra = ["reference"] if self.view(task) != "separate" and "reference" not in self.context(task) else []
-        return self.context(task) + extra
+        """The record images the task shows besides A and B (:func:`shown_fields`)."""
+        return shown_fields(self.context(task), self.view(task))
 
     def query(self, task: str, dimension: str, prompt: str = "") -> str:
         """The question for (task, dimension); the prompt goes in only for ``text_alignment`` (``auto``)."""
